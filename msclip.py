@@ -415,11 +415,13 @@ class MSCLIP(nn.Module):
         x = im.ln_post(x[:, 0]) @ im.projection
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, tokens, normalize=True):
+    def encode_text(self, tokens, normalize=True, trim=True):
+        """Text embeddings pooled at EOT. trim=True runs only up to the longest caption (exact,
+        see trim_padding); on an accelerator pass tokens already trimmed on the host."""
         tx = self.text
         if tokens.shape[1] > self.config.context_length:
             raise ValueError(f"tokens have {tokens.shape[1]} positions, the model has {self.config.context_length}")
-        if tokens.device.type == "cpu":
+        if trim and tokens.device.type == "cpu":
             tokens = trim_padding(tokens)
         x = tx.token_embedding(tokens) + tx.positions[: tokens.shape[1]]
         if self.config.early_specialization:
