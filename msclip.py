@@ -686,9 +686,10 @@ class ImageTransform:
             if 0 < cw <= w and 0 < ch <= h:
                 left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
                 return (left, top, left + cw, top + ch)
-        side = min(w, h)  # fallback: the largest central square
-        left, top = (w - side) // 2, (h - side) // 2
-        return (left, top, left + side, top + side)
+        # Fallback (as torchvision): the central crop with the aspect ratio clamped to 3/4..4/3.
+        cw, ch = (w, round(w * 4 / 3)) if w / h < 3 / 4 else (round(h * 4 / 3), h) if w / h > 4 / 3 else (w, h)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        return (left, top, left + cw, top + ch)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -819,21 +820,24 @@ def from_official_state_dict(state_dict):
     """An MSCLIP holding an official state dict's weights, every key consumed and both copies of
     every shared tensor checked equal."""
     config = config_from_official(state_dict)
-    pairs = official_key_map(config)
-    ours, seen = {}, set()
+    model = MSCLIP(config)
+    expected, ours, pairs = model.state_dict(), {}, official_key_map(config)
     for official, mine in pairs:
         if official not in state_dict:
             raise ValueError(f"official state dict does not fit {config}: key {official!r} is missing")
-        seen.add(official)
         tensor = state_dict[official]
+        if tuple(tensor.shape) != tuple(expected[mine].shape):
+            raise ValueError(f"official key {official!r} has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(expected[mine].shape)}")
         if mine in ours and not torch.equal(ours[mine], tensor):
-            first = next(o for o, m in pairs if m == mine)
-            raise ValueError(f"shared tensor {official!r} differs from its twin {first!r}")
+            twin = next(o for o, m in pairs if m == mine)
+            raise ValueError(f"shared tensor {official!r} differs from its twin {twin!r}")
         ours[mine] = tensor
-    unused = [k for k in state_dict if k not in seen]
+    used = {official for official, _ in pairs}
+    unused = [k for k in state_dict if k not in used]
     if unused:
         raise ValueError(f"official state dict has a key this architecture does not use: {unused[0]!r}")
-    return _load_exact(MSCLIP(config), ours)
+    return _load_exact(model, ours)
 
 
 def export_official_state_dict(model):
