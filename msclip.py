@@ -16,7 +16,7 @@ adapters (Sec. 3.3). The released MS-CLIP-S checkpoints load with `load_checkpoi
     tokens = msclip.tokenize(["a photo of a cat."])
     image_features, text_features, logit_scale = model(images, tokens)
 
-Numerics follow the official code (see ARCHITECTURE notes in the docstrings): LayerNorm eps 1e-12
+Numerics follow the official code (docs/ARCHITECTURE.md, cited as §N below): LayerNorm eps 1e-12
 with fp32 statistics, QuickGELU, BatchNorm eps 1e-6 in the branch bottlenecks, ImageNet
 normalisation. Dependencies: torch, numpy, pillow, ftfy, regex.
 """
@@ -567,7 +567,7 @@ class Tokenizer:
         self.decoder = {i: token for token, i in self.encoder.items()}
         self.merge_rank = {m: i for i, m in enumerate(merges)}
         self.word_cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        self.encode = functools.lru_cache(maxsize=1 << 17)(self._encode)  # captions and prompts repeat
+        self.text_cache = {}  # captions and prompts repeat; a plain dict keeps the tokenizer picklable
 
     def bpe(self, word):
         if word in self.word_cache:
@@ -590,13 +590,18 @@ class Tokenizer:
         self.word_cache[word] = result = " ".join(parts)
         return result
 
-    def _encode(self, text):
-        """Token ids of `text` without SOT/EOT. Returns a tuple (cached; do not mutate)."""
+    def encode(self, text):
+        """Token ids of `text` without SOT/EOT, as a tuple."""
+        if text in self.text_cache:
+            return self.text_cache[text]
         ids = []
         for word in self.pattern.findall(clean_text(text)):
             word = "".join(self.byte_to_char[b] for b in word.encode("utf-8"))
             ids.extend(self.encoder[piece] for piece in self.bpe(word).split(" "))
-        return tuple(ids)
+        if len(self.text_cache) >= 1 << 17:
+            self.text_cache.clear()
+        self.text_cache[text] = ids = tuple(ids)
+        return ids
 
     def decode(self, ids):
         text = "".join(self.decoder[int(i)] for i in ids)
