@@ -1,0 +1,109 @@
+"""Helper of tests/test_train_ds.py: several trainings inside one process or one DeepSpeed launch,
+so that a test pays the launcher's start-up (20-30 s on 2 CPU cores) once for many checks.
+
+    python tests/_train_runs.py SPEC.json                           # one process
+    deepspeed --num_gpus 2 tests/_train_runs.py SPEC.json           # two ranks
+
+SPEC.json: {"result": PATH, "runs": [RUN, ...]}. A RUN is {"name", "argv"} (a train_ds.main call;
+its per-step metrics are read back from its --out_dir) or {"name", "reference": {...}}: the same
+training re-computed in plain PyTorch, one process holding the global batch, without DeepSpeed and
+without train_ds's loop (only its data definition: SyntheticCaptions and epoch_batches). Rank 0
+writes {name: result} to PATH.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import torch  # noqa: E402
+
+import msclip  # noqa: E402
+import train_ds  # noqa: E402
+
+
+def reference(o):
+    """Plain-PyTorch training on the built-in data: AdamW with MS-CLIP's groups, linear warm-up +
+    cosine, gradient accumulation (mean over micro-batches), global-norm clipping, logit scale
+    clamped at ln(100) after each step."""
+    torch.manual_seed(o["seed"])
+    model = msclip.create_model(o["preset"], **o.get("overrides", {}))
+    if o.get("logit_scale_init") is not None:
+        model.logit_scale.data.fill_(o["logit_scale_init"])
+    optimizer = model.configure_optimizers(o["lr"], o["wd"], o["lr_shared"], o["wd_shared"], betas=(0.9, 0.98), eps=1e-6)
+    steps, warmup, start, end = o["steps"], o["warmup"], o["warmup_start"], o["min_lr_ratio"]
+
+    def factor(step):
+        if step < warmup:
+            return start + (1 - start) * step / warmup
+        t = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return end + (1 - end) * (1 + math.cos(math.pi * t)) / 2
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    data = train_ds.SyntheticCaptions("train", length=o["samples"], image_size=model.config.image_size, seed=o["seed"])
+    groups = tuple(int(v) for v in o["hard_negatives"].split("x"))
+    order = ((epoch, batch) for epoch in range(1000)
+             for batch in train_ds.minimal_pair_batches(len(data), o["global_micro"], o["seed"], epoch, *groups))
+    loss_fn = msclip.ContrastiveLoss()
+    losses, scales, norms = [], [], []
+    for _ in range(steps):
+        total = 0.0
+        for _ in range(o["accum"]):
+            epoch, batch = next(order)
+            samples = [data[(epoch, i)] for i in batch]
+            images = torch.stack([s[0] for s in samples])
+            tokens = torch.stack([s[1] for s in samples])
+            loss = loss_fn(*model(images, tokens))
+            (loss / o["accum"]).backward()
+            total += loss.item()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])))
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=math.log(100))
+        losses.append(total / o["accum"])
+        scales.append(float(model.logit_scale))
+    return {"losses": losses, "logit_scales": scales, "grad_norms": norms}
+
+
+def metrics(out_dir):
+    steps, evals = [], []
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            entry = json.loads(line)
+            (evals if "zero_shot" in entry else steps).append(entry)
+    return steps, evals
+
+
+def main():
+    spec_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
+    with open(spec_path) as f:
+        spec = json.load(f)
+    results = {}
+    for run in spec["runs"]:
+        started = time.time()
+        if "reference" in run:
+            results[run["name"]] = reference(run["reference"])
+        else:
+            result = train_ds.main(run["argv"])
+            import torch.distributed as dist
+            if dist.get_rank() == 0:
+                out_dir = run["argv"][run["argv"].index("--out_dir") + 1]
+                steps, evals = metrics(out_dir)
+                result.update(losses=[e["loss"] for e in steps], steps=[e["step"] for e in steps],
+                              logit_scales=[e["logit_scale"] for e in steps], lrs=[e["lr"] for e in steps],
+                              evals=evals, skipped_logged=steps[-1]["skipped"] if steps else {})
+            results[run["name"]] = result
+        results[run["name"]]["seconds"] = time.time() - started
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(spec["result"], "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

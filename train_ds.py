@@ -1,0 +1,1222 @@
+"""Pre-train MS-CLIP with DeepSpeed: one CPU in minutes, or many GPUs with ZeRO.
+
+The 5-minute CPU demo (built-in procedural shapes data, then held-out zero-shot accuracy):
+
+    deepspeed train_ds.py
+
+Same thing without the launcher (one process), or on 2 CPU ranks:
+
+    python train_ds.py
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 train_ds.py
+
+Real data (CSV/TSV of image path + caption, or img2dataset WebDataset shards), ZeRO-3, 8 GPUs:
+
+    deepspeed train_ds.py --preset msclip-s-b32 --train_data data/train.csv --csv_separator , \\
+        --csv_img_key filepath --csv_caption_key title --zero_stage 3 --batch_size 256 --epochs 32
+    deepspeed --hostfile hostfile train_ds.py --preset msclip-s-b16 \\
+        --train_data "shards/{00000..01023}.tar" --train_samples 10000000 --zero_stage 3 --precision bf16
+
+Stop it any time and continue exactly where it was with --resume (same output folder); turn the
+latest checkpoint into one fp32 file for msclip.load_checkpoint / eval.py with --export:
+
+    deepspeed train_ds.py --out_dir out --resume
+    python train_ds.py --out_dir out --export out/msclip.pt
+
+ds_config.json holds the DeepSpeed settings (ZeRO stage, precision, clipping, accumulation,
+monitors); every value the trainer sets there can be overridden from the command line (--help).
+"""
+import argparse
+import contextlib
+import glob
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import sys
+import tarfile
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import msclip
+
+# ----------------------------------------------------------------------------------------------
+# Built-in data: procedurally drawn shapes with captions in varied wording
+# ----------------------------------------------------------------------------------------------
+
+SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "crescent", "arrow"]
+COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"]
+
+RGB = {"red": (215, 35, 35), "orange": (245, 135, 20), "yellow": (240, 215, 25), "green": (35, 160, 55),
+       "blue": (35, 75, 215), "purple": (135, 45, 175), "pink": (250, 135, 195), "brown": (125, 75, 35)}
+BACKGROUNDS = {"white": (246, 246, 246), "light grey": (200, 200, 200), "dark grey": (72, 72, 72),
+               "black": (14, 14, 14), "cream": (242, 232, 208)}
+# Caption vocabulary. Words the zero-shot templates use (photo, picture, thing, ...) never occur here.
+SHAPE_WORDS = {"circle": ["circle", "circle", "circle", "disc"], "square": ["square"],
+               "triangle": ["triangle"], "star": ["star", "star", "star", "five-pointed star"],
+               "cross": ["cross", "cross", "cross", "plus sign"], "heart": ["heart"],
+               "crescent": ["crescent", "crescent", "crescent", "crescent moon"], "arrow": ["arrow"]}
+COLOUR_WORDS = {"red": ["red", "red", "red", "scarlet"], "orange": ["orange"], "yellow": ["yellow", "yellow", "yellow", "golden"],
+                "green": ["green", "green", "green", "emerald"], "blue": ["blue", "blue", "blue", "navy"],
+                "purple": ["purple", "purple", "purple", "violet"], "pink": ["pink"],
+                "brown": ["brown", "brown", "brown", "chocolate"]}
+COUNT_WORDS = {1: ["a", "one", "a single"], 2: ["two", "a pair of"], 3: ["three"]}
+SIZE_WORDS = {"small": ["small", "tiny", "little"], "medium": ["", "", "medium-sized"], "large": ["large", "big"]}
+WHERE_WORDS = {"top": "near the top", "bottom": "near the bottom", "left": "on the left", "right": "on the right",
+               "centre": "in the middle"}
+# Captions mention the shape always and the other attributes only sometimes, as alt-text does:
+# when every caption names colour, background, size and position, those easy attributes tell the
+# pairs of a batch apart and the model never learns shape (see caption()).
+MENTION = {"colour": 0.5, "size": 0.1, "background": 0.1, "where": 0.1}
+COLOUR_AFTER = ["{np} painted {colour}", "{np}, all {colour}", "{colour}: {np}", "{np} in {colour}"]
+WITH_BACKGROUND = ["{np} on a {bg} background", "a {bg} backdrop with {np}", "{np} on {bg}"]
+WITH_WHERE = ["{np} {where}", "{where}, {np}"]
+PLURAL = {"cross": "crosses", "plus sign": "plus signs"}
+
+
+def plural(word):
+    return PLURAL.get(word, word + "s")
+
+
+def polygon_points(shape, cx, cy, r, angle):
+    """Outline of `shape` centred at (cx, cy) with radius r, rotated by `angle` radians."""
+    def star(n, inner):
+        return [((1 if k % 2 == 0 else inner), math.pi / 2 + k * math.pi / n) for k in range(2 * n)]
+
+    polar = {
+        "square": [(1.0, math.pi / 4 + k * math.pi / 2) for k in range(4)],
+        "triangle": [(1.0, math.pi / 2 + k * 2 * math.pi / 3) for k in range(3)],
+        "star": star(5, 0.42),
+    }
+    if shape in polar:
+        pts = [(rho * r * math.cos(t), -rho * r * math.sin(t)) for rho, t in polar[shape]]
+    elif shape == "cross":
+        a, b = 0.33 * r, r
+        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+    elif shape == "arrow":
+        pts = [(-r, -0.25 * r), (0.1 * r, -0.25 * r), (0.1 * r, -0.7 * r), (r, 0), (0.1 * r, 0.7 * r), (0.1 * r, 0.25 * r),
+               (-r, 0.25 * r)]
+    elif shape == "heart":
+        pts = []
+        for k in range(40):
+            t = 2 * math.pi * k / 40
+            x, y = 16 * math.sin(t) ** 3, 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((x * r / 16, -(y + 2.5) * r / 16))
+    else:
+        raise ValueError(shape)
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in pts]
+
+
+def draw_shape(draw, shape, cx, cy, r, angle, fill, background):
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "crescent":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        dx, dy = 0.55 * r * math.cos(angle), 0.55 * r * math.sin(angle)
+        draw.ellipse([cx + dx - 0.85 * r, cy + dy - 0.85 * r, cx + dx + 0.85 * r, cy + dy + 0.85 * r], fill=background)
+    else:
+        draw.polygon(polygon_points(shape, cx, cy, r, angle), fill=fill)
+
+
+class SyntheticCaptions(torch.utils.data.Dataset):
+    """Procedural image-caption pairs: 1-3 shapes of one kind and one colour on a plain or noisy
+    background, captioned in varied wording (synonyms, word order, size, count, position).
+
+    Sample `index` has shape SHAPES[index % S] and colour COLOURS[(index // S) % C]; everything else
+    (size, count, positions, rotation, background, colour jitter, caption wording) is drawn from a
+    random.Random seeded by (seed, split, index), so a render never depends on worker state. The
+    "heldout" split draws from other seeds: new renders of the same classes. Training
+    augmentation (random resized crop) is drawn from (seed, epoch, index): index the dataset with
+    an (epoch, index) pair to get a given epoch's augmentation; a plain int means epoch 0.
+    """
+
+    def __init__(self, split="train", length=len(SHAPES) * len(COLOURS) * 1000, image_size=64, seed=0, train=None):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        self.split, self.length, self.image_size, self.seed = split, length, image_size, seed
+        self.train = split == "train" if train is None else train
+        self.transform = msclip.ImageTransform(image_size, train=self.train)
+
+    counts = [1, 1, 1, 1, 1, 1, 1, 2, 2, 3]
+    sizes = ["small", "medium", "medium", "large", "large"]
+
+    def __len__(self):
+        return self.length
+
+    def labels(self, index):
+        """(shape label, colour label) of sample `index` without rendering it."""
+        return index % len(SHAPES), (index // len(SHAPES)) % len(COLOURS)
+
+    def render(self, index):
+        """(PIL image at twice the model's size, caption, shape label, colour label).
+
+        The layout (background, texture, count, size, positions, rotation, caption form) comes from
+        the sample's variant, index // (shapes x colours): the 64 samples of a variant differ only
+        in shape and colour (hard negatives for each other, see minimal_pair_batches). The colour
+        jitter and the synonyms come from the index itself."""
+        shape_label, colour_label = self.labels(index)
+        shape, colour = SHAPES[shape_label], COLOURS[colour_label]
+        variant = index // (len(SHAPES) * len(COLOURS))
+        rng = random.Random(f"msclip-shapes/{self.seed}/{self.split}/{variant}")
+        own = random.Random(f"msclip-shapes/{self.seed}/{self.split}/{variant}/{index}")
+        side = 2 * self.image_size
+        bg_name = rng.choice(list(BACKGROUNDS))
+        bg = tuple(min(255, max(0, v + rng.randint(-10, 10))) for v in BACKGROUNDS[bg_name])
+        image = Image.new("RGB", (side, side), bg)
+        draw = ImageDraw.Draw(image)
+        if rng.random() < 0.3:  # faint texture: lines of a slightly different grey
+            for _ in range(rng.randint(3, 8)):
+                shift = rng.choice((-28, 28))
+                tone = tuple(min(255, max(0, v + shift)) for v in bg)
+                draw.line([(rng.uniform(0, side), rng.uniform(0, side)), (rng.uniform(0, side), rng.uniform(0, side))],
+                          fill=tone, width=rng.randint(1, 3))
+        count = rng.choice(self.counts)
+        size = rng.choice(self.sizes if count == 1 else ["small", "medium"] if count == 2 else ["small"])
+        radius = {"small": (0.12, 0.17), "medium": (0.19, 0.25), "large": (0.28, 0.36)}[size]
+        fill = tuple(min(255, max(0, v + own.randint(-18, 18))) for v in RGB[colour])
+        centres = []
+        for _ in range(count):
+            r = rng.uniform(*radius) * side
+            for _attempt in range(20):  # keep shapes apart when there are several
+                cx, cy = rng.uniform(r, side - r), rng.uniform(r, side - r)
+                if all(math.hypot(cx - x, cy - y) > r + q for x, y, q in centres):
+                    break
+            centres.append((cx, cy, r))
+            turn = rng.uniform(-0.3, 0.3)
+            draw_shape(draw, shape, cx, cy, r, turn if shape != "crescent" else turn * 10, fill, bg)
+        if count == 1:
+            cx, cy, _ = centres[0]
+            dx, dy = cx / side - 0.5, cy / side - 0.5
+            where = "centre" if max(abs(dx), abs(dy)) < 0.12 else \
+                ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("top" if dy < 0 else "bottom")
+            where = WHERE_WORDS[where]
+        else:
+            where = rng.choice(["scattered around", "side by side", "spread out"])
+        caption = self.caption(rng, own, shape, colour, count, size, where, bg_name)
+        return image, caption, shape_label, colour_label
+
+    @staticmethod
+    def caption(rng, own, shape, colour, count, size, where, background):
+        """A caption naming the count and shape, and colour, size, background and position only
+        sometimes (MENTION), in varied word order. Layout choices come from `rng`, synonyms from `own`."""
+        said = {part: rng.random() < p for part, p in MENTION.items()}
+        shape_word = own.choice(SHAPE_WORDS[shape])
+        colour_word = own.choice(COLOUR_WORDS[colour])
+        colour_first = rng.random() < 0.6
+        words = [rng.choice(COUNT_WORDS[count]), rng.choice(SIZE_WORDS[size]) if said["size"] else "",
+                 colour_word if said["colour"] and colour_first else "", shape_word if count == 1 else plural(shape_word)]
+        text = " ".join(w for w in words if w)
+        if said["colour"] and not colour_first:
+            text = rng.choice(COLOUR_AFTER).format(np=text, colour=colour_word)
+        if said["background"]:
+            text = rng.choice(WITH_BACKGROUND).format(np=text, bg=background)
+        if said["where"]:
+            text = rng.choice(WITH_WHERE).format(np=text, where=where)
+        return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        image, caption, _, _ = self.render(index)
+        rng = random.Random(f"msclip-shapes-aug/{self.seed}/{self.split}/{epoch}/{index}")
+        return self.transform(image, rng), msclip.tokenize(caption)[0]
+
+
+def heldout_prompts():
+    """Zero-shot prompts for the held-out split: (class names, templates) per task. No template
+    word except articles and prepositions occurs in a training caption."""
+    shape_templates = ["a photo of a {}.", "a picture of the {}.", "an illustration of a {}.", "a rendering of a {}.",
+                       "clip art of a {}."]
+    colour_templates = ["a photo of something {}.", "a picture of a {} object.", "an illustration of a {} thing.",
+                        "a rendering of a {} item.", "clip art of a {} figure."]
+    return {"shape": (list(SHAPES), shape_templates), "colour": (list(COLOURS), colour_templates)}
+
+
+def epoch_batches(num_samples, batch, seed, epoch):
+    """One epoch's global micro-batches (lists of dataset indices): a permutation drawn from
+    (seed, epoch) only, cut into batches (the last partial one dropped)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_samples, generator=generator).tolist()
+    return [order[i: i + batch] for i in range(0, num_samples - batch + 1, batch)]
+
+
+def minimal_pair_batches(num_samples, batch, seed, epoch, group_shapes=4, group_colours=2):
+    """One epoch's global micro-batches for SyntheticCaptions, a function of (seed, epoch) only.
+
+    Each batch is made of groups of group_shapes x group_colours samples of one variant: same
+    background, layout, size, count and caption wording, differing only in shape and colour.
+    Within a group, a sample's same-colour partners can only be told apart by shape, so shape
+    matters from the first step (with random batches colour alone separates most pairs and the
+    model never learns shape). The epoch visits every sample once.
+    """
+    shapes, colours = len(SHAPES), len(COLOURS)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    groups = []
+    for variant in range(num_samples // (shapes * colours)):
+        first = variant * shapes * colours
+        shape_order = torch.randperm(shapes, generator=generator).tolist()
+        colour_order = torch.randperm(colours, generator=generator).tolist()
+        for a in range(0, shapes - group_shapes + 1, group_shapes):
+            for b in range(0, colours - group_colours + 1, group_colours):
+                groups.append([first + c * shapes + s for c in colour_order[b: b + group_colours]
+                               for s in shape_order[a: a + group_shapes]])
+    order = torch.randperm(len(groups), generator=generator).tolist()
+    per_batch = batch // (group_shapes * group_colours)
+    return [[i for g in order[j: j + per_batch] for i in groups[g]] for j in range(0, len(order) - per_batch + 1, per_batch)]
+
+
+@torch.no_grad()
+def zero_shot_heldout(model, image_size, seed=0, samples=512, batch=128, device="cpu"):
+    """Zero-shot accuracy {task: fraction} on new renders, classified with heldout_prompts()."""
+    was_training = model.training
+    model.eval()
+    data = SyntheticCaptions("heldout", length=samples, image_size=image_size, seed=seed)
+    classifiers = {}
+    for task, (names, templates) in heldout_prompts().items():
+        rows = []
+        for name in names:
+            tokens = msclip.trim_padding(msclip.tokenize([t.format(name) for t in templates]))
+            features = model.encode_text(tokens.to(device))
+            rows.append(F.normalize(features.float().mean(0), dim=-1))
+        classifiers[task] = torch.stack(rows)
+    correct = {task: 0 for task in classifiers}
+    dtype = next(model.parameters()).dtype
+    for start in range(0, samples, batch):
+        renders = [data.render(i) for i in range(start, min(samples, start + batch))]
+        images = torch.stack([data.transform(r[0]) for r in renders]).to(device, dtype)
+        features = model.encode_image(images).float()
+        for task, column in (("shape", 2), ("colour", 3)):
+            predicted = (features @ classifiers[task].T).argmax(-1).tolist()
+            correct[task] += sum(int(p) == r[column] for p, r in zip(predicted, renders))
+    model.train(was_training)
+    return {task: n / samples for task, n in correct.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data: CSV/TSV files (image path + caption) and WebDataset tar shards (img2dataset)
+# ----------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+class SkippedSample(Exception):
+    def __init__(self, reason, where):
+        super().__init__(f"{reason}: {where}")
+        self.reason, self.where = reason, where
+
+
+def read_image(source, where):
+    """An RGB PIL image from a path or bytes; SkippedSample('missing' / 'corrupt') when it cannot be read."""
+    try:
+        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise SkippedSample("missing", where) from None
+    except Exception:  # truncated or garbage bytes, unknown format, decompression bomb, ...
+        raise SkippedSample("corrupt", where) from None
+
+
+def clean_caption(caption, where):
+    caption = (caption or "").strip()
+    if not caption:
+        raise SkippedSample("empty_caption", where)
+    return caption
+
+
+class CsvCaptions(torch.utils.data.Dataset):
+    """Rows of a CSV/TSV file: image path (relative to the file's folder or absolute) + caption.
+
+    Column names and separator follow OpenCLIP's options. A row whose image is missing or corrupt,
+    or whose caption is empty, is replaced by the next readable row (so every rank keeps its batch
+    size) and reported in the sample's `skipped` list. Augmentation is drawn from (seed, epoch, index).
+    """
+
+    def __init__(self, path, image_size=224, seed=0, separator="\t", img_key="filepath", caption_key="title"):
+        import csv
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            columns = reader.fieldnames or []
+            if img_key not in columns or caption_key not in columns:
+                raise ValueError(f"{path}: no column {img_key!r} and {caption_key!r} with separator {separator!r} "
+                                 f"(found {columns}); set --csv_img_key, --csv_caption_key, --csv_separator")
+            rows = [(row[img_key], row[caption_key]) for row in reader]
+        if not rows:
+            raise ValueError(f"{path}: no rows")
+        root = os.path.dirname(os.path.abspath(path))
+        self.paths = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows]
+        self.captions = [c for _, c in rows]
+        self.seed = seed
+        self.transform = msclip.ImageTransform(image_size, train=True)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        skipped = []
+        for attempt in range(min(len(self), 1000)):
+            row = (index + attempt) % len(self)
+            try:
+                caption = clean_caption(self.captions[row], self.paths[row])
+                image = read_image(self.paths[row], self.paths[row])
+            except SkippedSample as e:
+                skipped.append((e.reason, e.where))
+                continue
+            rng = random.Random(f"msclip-csv-aug/{self.seed}/{epoch}/{index}")
+            return self.transform(image, rng), msclip.tokenize(caption)[0], skipped
+        raise RuntimeError(f"{len(skipped)} rows in a row from row {index} are unreadable ({skipped[:3]} ...): check the data")
+
+
+def expand_shards(spec):
+    """'dir/{00000..01023}.tar' (zero-padded ranges), '{a,b}' alternatives, globs, '::'-separated lists."""
+    def expand(pattern):
+        match = re.search(r"\{([^{}]*)\}", pattern)
+        if not match:
+            return sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
+        numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+        if numeric:
+            first, last = numeric.groups()
+            items = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
+        else:
+            items = body.split(",")
+        return [shard for item in items for shard in expand(head + item + tail)]
+    return [shard for part in spec.split("::") for shard in expand(part)]
+
+
+class TarShards(torch.utils.data.IterableDataset):
+    """WebDataset shards as img2dataset writes them (KEY.jpg/png/webp + KEY.txt), streamed.
+
+    Every epoch shuffles the shard list from (seed, epoch); rank r takes every world-th shard and
+    DataLoader worker w every workers-th of those, so no sample is read twice in an epoch. Samples
+    are shuffled in a buffer that restarts with each shard (seeded from (seed, epoch, shard)), so
+    a stream resumes exactly at the start of a shard: `start` maps worker id -> (epoch, shard
+    ordinal) to begin at (shard granularity). The stream cycles through epochs forever; the
+    trainer decides how many batches it takes. Unreadable samples are skipped and reported with
+    the next good sample. Each item: (image, tokens, skipped, (worker, epoch, ordinal)), where
+    (epoch, ordinal) is the shard a resumed stream starts with once this sample is consumed.
+    """
+
+    def __init__(self, shards, image_size=224, seed=0, rank=0, world_size=1, start=None, shuffle_buffer=256):
+        self.shards, self.seed, self.rank, self.world_size = list(shards), seed, rank, world_size
+        self.start, self.shuffle_buffer = dict(start or {}), shuffle_buffer
+        self.transform = msclip.ImageTransform(image_size, train=True)
+
+    def plan(self, epoch, worker, workers):
+        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return [self.shards[i] for i in order.tolist()][self.rank:: self.world_size][worker:: workers]
+
+    def read_shard(self, shard):
+        """(key, {extension: bytes}) per sample; a damaged tar ends the shard early."""
+        key, files = None, {}
+        try:
+            with tarfile.open(shard, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    folder, name = os.path.split(member.name)
+                    stem, _, extension = name.partition(".")
+                    if os.path.join(folder, stem) != key:
+                        if key is not None:
+                            yield key, files
+                        key, files = os.path.join(folder, stem), {}
+                    files[extension.lower()] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            yield None, {"error": f"{shard}: {e}"}
+            return
+        if key is not None:
+            yield key, files
+
+    def decode(self, shard, key, files, rng):
+        where = f"{shard}:{key}"
+        if "error" in files:
+            raise SkippedSample("corrupt", files["error"])
+        extension = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+        if extension is None or "txt" not in files:
+            raise SkippedSample("missing", where)
+        caption = clean_caption(files["txt"].decode("utf-8", errors="replace"), where)
+        return self.transform(read_image(files[extension], where), rng), msclip.tokenize(caption)[0]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, ordinal = self.start.get(worker, (0, 0))
+        skipped = []
+        while True:
+            mine = self.plan(epoch, worker, workers)
+            if not mine:
+                return
+            for k in range(ordinal, len(mine)):
+                rng = random.Random(f"msclip-wds/{self.seed}/{epoch}/{mine[k]}")
+                buffer = []
+                for key, files in self.read_shard(mine[k]):
+                    try:
+                        buffer.append(self.decode(mine[k], key, files, rng))
+                    except SkippedSample as e:
+                        skipped.append((e.reason, e.where))
+                        continue
+                    if len(buffer) >= self.shuffle_buffer:
+                        image, tokens = buffer.pop(rng.randrange(len(buffer)))
+                        yield image, tokens, skipped, (worker, epoch, k)
+                        skipped = []
+                while buffer:  # after the shard's last sample the stream resumes at the next shard
+                    image, tokens = buffer.pop(rng.randrange(len(buffer)))
+                    yield image, tokens, skipped, (worker, epoch, k + (not buffer))
+                    skipped = []
+            epoch, ordinal = epoch + 1, 0
+
+
+def collate(samples):
+    """Stack images, stack token ids and trim them to the batch's longest caption (on the host),
+    and gather the skipped-sample reports and stream positions."""
+    images = torch.stack([s[0] for s in samples])
+    tokens = msclip.trim_padding(torch.stack([s[1] for s in samples]))
+    skipped = [item for s in samples if len(s) > 2 for item in s[2]]
+    positions = [s[3] for s in samples if len(s) > 3]
+    return images, tokens, skipped, positions
+
+
+def map_style_batches(make_epoch, start, rank, micro):
+    """This rank's slices of the global micro-batches make_epoch(epoch) lists, from micro-batch
+    number `start` on, forever; keys are (epoch, index) so that augmentation follows the epoch."""
+    epoch = 0
+    while True:
+        batches = make_epoch(epoch)
+        if not batches:
+            raise ValueError("the dataset holds less than one global micro-batch")
+        for batch in batches[start:]:
+            yield [(epoch, i) for i in batch[rank * micro: (rank + 1) * micro]]
+        start = max(0, start - len(batches))
+        epoch += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Options: command line > ds_config.json > built-in defaults
+# ----------------------------------------------------------------------------------------------
+
+# The CPU demo model when --preset is not given: MS-CLIP-S tiny with a 16-pixel grid (4 x 4 tokens
+# at 64 px; the 32-pixel grid's 2 x 2 tokens learned shape about half as fast, measured) and the
+# fewest layers that hold the five fusion points. Its logit scale starts at the ln(100) clamp.
+DEFAULT_PRESET = "msclip-s-tiny-b16"
+DEMO_OVERRIDES = {"layers": 7, "fusion_layers": (2, 3, 4, 5, 6)}
+DEMO_LOGIT_SCALE = math.log(100)
+DEMO_STEPS = 500
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def int_list(text):
+    return tuple(int(v) for v in text.split(","))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Pre-train MS-CLIP with DeepSpeed (see the module docstring for launch "
+                                            "commands). Options left unset come from ds_config.json, then from defaults.")
+    a = p.add_argument_group("model").add_argument
+    a("--preset", default=None, help=f"msclip.PRESETS name: {', '.join(msclip.PRESETS)}. Default: {DEFAULT_PRESET} "
+                                     f"with {DEMO_OVERRIDES} (the CPU demo)")
+    a("--layers", type=int, help="override the preset's depth (then also --fusion_layers for MS-CLIP-S)")
+    a("--fusion_layers", type=int_list, help="comma-separated layers that get a parallel-branch adapter (5 values)")
+    a("--image_size", type=int, help="override the preset's image size")
+    a("--logit_scale_init", type=float, help="initial log inverse temperature (default: the model's, 1.0 as the "
+                                             f"official code; CLIP used 2.659; the demo model {DEMO_LOGIT_SCALE:.3f})")
+    a("--grad_checkpointing", action="store_true", help="recompute transformer layers in backward (less memory)")
+    a("--local_loss", action="store_true", help="each rank scores only its own rows against all columns (less memory)")
+
+    a = p.add_argument_group("data").add_argument
+    a("--train_data", help="a .csv/.tsv file (image path, caption) or WebDataset shards ('dir/{00000..01023}.tar', "
+                           "'::' joins patterns). Default: the built-in procedural shapes data")
+    a("--data_type", choices=["auto", "synthetic", "csv", "webdataset"], default="auto")
+    a("--csv_separator", default="\t", help="column separator of --train_data CSV (OpenCLIP's default: tab)")
+    a("--csv_img_key", default="filepath", help="image-path column")
+    a("--csv_caption_key", default="title", help="caption column")
+    a("--train_samples", type=int, help="samples per epoch of WebDataset shards (needed with --epochs)")
+    a("--synthetic_samples", type=int, default=len(SHAPES) * len(COLOURS) * 1000, help="size of the built-in data")
+    a("--hard_negatives", default="none", metavar="SxC",
+      help="built-in data: batches made of groups of S shapes x C colours drawn with the same layout and "
+           "wording, so that pairs differ only in shape or colour ('none': uniformly random batches)")
+    a("--workers", type=int, help="DataLoader workers per rank (default: 1 on CPU, 4 on GPU)")
+    a("--shuffle_buffer", type=int, default=256, help="WebDataset in-shard shuffle buffer")
+
+    a = p.add_argument_group("optimisation (unset values come from ds_config.json)").add_argument
+    a("--steps", type=int, help=f"optimizer steps in all (default: --epochs, or {DEMO_STEPS} on the built-in data)")
+    a("--epochs", type=int, help="passes over the data (default 1 for CSV and WebDataset)")
+    a("--batch_size", type=int, help="micro-batch per rank (train_micro_batch_size_per_gpu)")
+    a("--global_batch_size", type=int, help="pairs per optimizer step over all ranks (train_batch_size); the "
+                                            "gradient accumulation follows from it")
+    a("--grad_accum", type=int, help="gradient accumulation steps")
+    a("--lr", type=float, help="peak learning rate")
+    a("--lr_shared", type=float, help="peak learning rate of the weights images and text share")
+    a("--wd", type=float, help="weight decay (not on norms, biases, embeddings, logit scale)")
+    a("--wd_shared", type=float, help="weight decay of the shared weight matrices")
+    a("--betas", type=lambda t: tuple(float(v) for v in t.split(",")), help="AdamW betas, e.g. 0.9,0.98")
+    a("--eps", type=float, help="AdamW eps")
+    a("--scale_lr", action="store_true", help="multiply lr and lr_shared by the number of ranks (MS-CLIP's SCALE_LR)")
+    a("--warmup_steps", type=int, help="linear warm-up steps (default: warmup_fraction of the steps)")
+    a("--min_lr_ratio", type=float, help="the cosine ends at this fraction of the peak learning rate")
+    a("--grad_clip", type=float, help="clip the global gradient norm (gradient_clipping)")
+    a("--zero_stage", type=int, choices=[0, 1, 2, 3], help="ZeRO stage")
+    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+      help="auto: bf16 on GPUs that have it, else fp16 on GPUs; fp32 on CPU")
+    a("--ds_set", action="append", default=[], metavar="KEY=JSON",
+      help="set any ds_config value, e.g. zero_optimization.stage3_param_persistence_threshold=0 (repeatable)")
+    a("--seed", type=int, default=0)
+
+    a = p.add_argument_group("checkpoints").add_argument
+    a("--out_dir", default="out", help="checkpoints, metrics.jsonl, DeepSpeed monitor files and the exported weights")
+    a("--save_every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    a("--keep", type=int, default=2, help="complete checkpoints kept")
+    a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out_dir (fresh start "
+                                            "when there is none)")
+    a("--stop_at", type=int, help="checkpoint and stop at this step, e.g. to fit a job's time limit (the schedule "
+                                   "still spans --steps; --resume continues)")
+    a("--export", metavar="PATH", help="only write the latest checkpoint of --out_dir (or --checkpoint) as one fp32 "
+                                       "file for msclip.load_checkpoint / eval.py, then exit")
+    a("--checkpoint", help="with --export: a checkpoint folder (out/checkpoints/step_00000600)")
+
+    a = p.add_argument_group("monitoring").add_argument
+    a("--log_every", type=int, default=10, help="progress line and metrics.jsonl record every N steps")
+    a("--eval_every", type=int, help="zero-shot on the built-in held-out split every N steps (default: 100 on the "
+                                     "built-in data, 0 = only at the end, -1 = never)")
+    a("--eval_samples", type=int, default=512, help="held-out renders per evaluation")
+
+    a = p.add_argument_group("DeepSpeed").add_argument
+    a("--deepspeed_config", default=os.path.join(HERE, "ds_config.json"))
+    a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    a("--deepspeed", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def set_path(config, dotted, value):
+    *parents, last = dotted.split(".")
+    for key in parents:
+        config = config.setdefault(key, {})
+    config[last] = value
+
+
+def cpu_has_bf16():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve(parser, args, world_size):
+    """Check the options and merge them with ds_config.json. Returns (plan dict, DeepSpeed config)
+    or exits with a message that says what to change. Runs before DeepSpeed is imported."""
+    fail = parser.error
+    try:
+        with open(args.deepspeed_config) as f:
+            config = json.load(f)
+    except OSError as e:
+        fail(f"--deepspeed_config {args.deepspeed_config}: {e.strerror}")
+    except json.JSONDecodeError as e:
+        fail(f"--deepspeed_config {args.deepspeed_config} is not valid JSON: {e}")
+    for item in args.ds_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--ds_set {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        set_path(config, key, value)
+    plan = {}
+
+    # Model
+    preset = args.preset or DEFAULT_PRESET
+    if preset not in msclip.PRESETS:
+        fail(f"--preset {preset!r} is unknown; choose one of: {', '.join(msclip.PRESETS)}")
+    overrides = dict(DEMO_OVERRIDES) if args.preset is None else {}
+    for name in ("layers", "fusion_layers", "image_size"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    try:
+        model_config = msclip.MSCLIPConfig(**{**msclip.PRESETS[preset], **overrides})
+    except (ValueError, TypeError) as e:
+        fail(f"model {preset} with {overrides}: {e}")
+    plan.update(preset=preset, overrides=overrides, model_config=model_config)
+
+    # Data
+    kind = args.data_type
+    if kind == "auto":
+        kind = "synthetic" if not args.train_data else \
+            "csv" if args.train_data.lower().endswith((".csv", ".tsv", ".txt")) else "webdataset"
+    if kind != "synthetic" and not args.train_data:
+        fail(f"--data_type {kind} needs --train_data")
+    if kind == "csv" and not os.path.isfile(args.train_data):
+        fail(f"--train_data {args.train_data}: no such file")
+    shards = []
+    if kind == "webdataset":
+        shards = expand_shards(args.train_data)
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if not shards or missing:
+            fail(f"--train_data {args.train_data}: {len(missing)} of {len(shards)} shards not found "
+                 f"(first: {(missing or [args.train_data])[0]})")
+        if len(shards) < world_size:
+            fail(f"{len(shards)} WebDataset shards cannot be split over {world_size} ranks without duplication: "
+                 "use more shards or fewer ranks")
+        if args.steps is None and args.train_samples is None:
+            fail("WebDataset shards have no known length: give --train_samples (samples per epoch) or --steps")
+    plan.update(kind=kind, shards=shards)
+
+    # Batch: micro-batch per rank x accumulation x ranks = global batch
+    micro = args.batch_size or config.get("train_micro_batch_size_per_gpu") or 64
+    global_batch = args.global_batch_size or config.get("train_batch_size")
+    accum = args.grad_accum or (None if global_batch else config.get("gradient_accumulation_steps") or 1)
+    if global_batch:
+        if global_batch % (micro * world_size):
+            fail(f"global batch {global_batch} is not a multiple of batch_size {micro} x {world_size} ranks: change "
+                 "--global_batch_size (train_batch_size), --batch_size or the number of ranks")
+        if accum and accum * micro * world_size != global_batch:
+            fail(f"global batch {global_batch} != batch_size {micro} x grad_accum {accum} x {world_size} ranks: "
+                 "give only two of them")
+        accum = global_batch // (micro * world_size)
+    if micro < 1 or accum < 1:
+        fail(f"batch_size {micro} and grad_accum {accum} must be >= 1")
+    plan["groups"] = None
+    if kind == "synthetic" and args.hard_negatives not in ("none", "0", ""):
+        match = re.fullmatch(r"(\d+)x(\d+)", args.hard_negatives)
+        shapes, colours = map(int, match.groups()) if match else (0, 0)
+        if not (shapes and colours and len(SHAPES) % shapes == 0 and len(COLOURS) % colours == 0
+                and (micro * world_size) % (shapes * colours) == 0):
+            fail(f"--hard_negatives {args.hard_negatives}: give SxC with S dividing {len(SHAPES)} shapes, C dividing "
+                 f"{len(COLOURS)} colours and S*C dividing the micro-batch over all ranks ({micro} x {world_size} = "
+                 f"{micro * world_size}), or 'none'")
+        plan["groups"] = (shapes, colours)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        config.pop(key, None)
+    config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
+                  train_batch_size=micro * accum * world_size)
+    plan.update(micro=micro, accum=accum, global_batch=micro * accum * world_size)
+
+    # Optimizer and schedule: the trainer builds them (MS-CLIP parameter groups, no op compiles)
+    opt = (config.pop("optimizer", None) or {}).get("params", {})
+    sched = (config.pop("scheduler", None) or {}).get("params", {})
+    pick = lambda cli, key, default: cli if cli is not None else opt.get(key, default)  # noqa: E731
+    lr = pick(args.lr, "lr", 1e-3)
+    lr_shared = pick(args.lr_shared, "lr_shared", lr)
+    scale = world_size if args.scale_lr else 1
+    plan.update(lr=lr * scale, lr_shared=lr_shared * scale, wd=pick(args.wd, "weight_decay", 0.05),
+                wd_shared=pick(args.wd_shared, "weight_decay_shared", 0.2),
+                betas=tuple(pick(args.betas, "betas", (0.9, 0.98))), eps=pick(args.eps, "eps", 1e-6),
+                warmup_start=sched.get("warmup_min_ratio", 0.01),
+                min_lr_ratio=args.min_lr_ratio if args.min_lr_ratio is not None else sched.get("cos_min_ratio", 0.1))
+    if args.grad_clip is not None:
+        config["gradient_clipping"] = args.grad_clip
+
+    # Length of the run
+    if args.steps is not None:
+        steps = args.steps
+    elif kind == "synthetic" and args.epochs is None:
+        steps = DEMO_STEPS
+    else:
+        per_epoch = (args.train_samples if kind == "webdataset" else None)
+        plan["epochs"] = args.epochs or 1
+        steps = None if per_epoch is None else plan["epochs"] * per_epoch // plan["global_batch"]
+    plan["steps"] = steps  # None: map-style data, known once the dataset is read
+    plan["warmup_steps"] = args.warmup_steps if args.warmup_steps is not None else sched.get("warmup_num_steps")
+    plan["warmup_fraction"] = sched.get("warmup_fraction", 0.1)
+
+    # Precision: fp32 on CPU; bf16/fp16 where the hardware has them
+    cuda = torch.cuda.is_available()
+    precision = args.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if not cuda and precision == "fp16":
+        fail("--precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use fp32")
+    if not cuda and precision == "bf16" and not cpu_has_bf16():
+        fail("--precision bf16: this CPU has no bf16 matrix instructions (AMX / AVX512-BF16), so bf16 runs ~100x "
+             "slower than fp32 here: use fp32")
+    for mode in ("bf16", "fp16"):
+        config.setdefault(mode, {})["enabled"] = precision == mode
+    plan["precision"] = precision
+
+    # ZeRO
+    zero = config.setdefault("zero_optimization", {})
+    if args.zero_stage is not None:
+        zero["stage"] = args.zero_stage
+    plan["zero_stage"] = zero.setdefault("stage", 0)
+    plan["own_clipping"] = 0.0
+    config.setdefault("gradient_clipping", 1.0)  # DeepSpeed's default
+    if plan["zero_stage"] == 0 and precision == "fp32" and config["gradient_clipping"] > 0:
+        # DeepSpeed 0.19's stage-0 fp32 clipping multiplies every gradient by a [1]-shaped tensor in
+        # place, which fails on the 0-dim logit_scale: the trainer clips (same global norm) itself.
+        plan["own_clipping"], config["gradient_clipping"] = config["gradient_clipping"], 0.0
+
+    # Monitors write next to the checkpoints unless ds_config names a folder
+    for monitor in ("tensorboard", "csv_monitor", "wandb"):
+        if config.get(monitor, {}).get("enabled"):
+            config[monitor].setdefault("output_path", os.path.join(args.out_dir, "monitor"))
+            config[monitor].setdefault("job_name", "train_ds")
+    config.setdefault("steps_per_print", 10 ** 9)
+
+    plan["eval_every"] = args.eval_every if args.eval_every is not None else (100 if kind == "synthetic" else 0)
+    plan["workers"] = args.workers if args.workers is not None else (4 if cuda else 1)
+    return plan, config
+
+
+def lr_lambda(warmup, total, start, end):
+    """Linear warm-up from start x peak, then cosine from peak to end x peak: a function of the step only,
+    so a resumed run continues on the same curve."""
+    def factor(step):
+        if step < warmup:
+            return start + (1 - start) * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed: process group, engine, logit-scale clamp
+# ----------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Join (or, under plain `python`, create) the process group: nccl on GPUs, gloo on CPU."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # plain `python train_ds.py`: one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    cuda = torch.cuda.is_available()
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    import deepspeed
+    from deepspeed.utils import logger
+    logger.setLevel("WARNING")
+    if not cuda:
+        # The shared-memory all-reduce op is for inference; training never calls it. Without this the
+        # first run on a machine sits 1-3 minutes compiling it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if "OMP_NUM_THREADS" not in os.environ:  # the launcher leaves it unset: ranks would fight over cores
+            local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return deepspeed
+
+
+def register_orphan_parameters(model):
+    """ZeRO-3 gathers a module's parameters when its forward runs. encode_image/encode_text read
+    the class token, positions and projections of modules whose forward never runs: declare them
+    as used by the model's own forward."""
+    import deepspeed
+    for module in (model.image, model.text):
+        for parameter in module.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(model, parameter)
+
+
+def clamp_logit_scale(engine, maximum=math.log(100)):
+    """Clamp the logit scale at ln(100) after a step, in the model and in the optimizer's fp32
+    master copy (ZeRO 1-3 and bf16 keep one; clamping only the model's would be undone by the next
+    step). Returns the value."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    param = engine.module.logit_scale
+    master = safe_get_full_fp32_param(param)
+    if master is not None:
+        value = float(master)
+    else:
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            value = float(param)
+    if value <= maximum:
+        return value
+    if master is not None:
+        try:
+            safe_set_full_fp32_param(param, master.clamp(max=maximum))
+        except RuntimeError:
+            # ZeRO-3 on a rank whose slice of this parameter is partly or only padding (a 0-dim
+            # parameter over 2 ranks): DeepSpeed's setter reads past the end. Write the real part.
+            optimizer = param._z3_optimizer
+            part, group = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+            start = part.numel() * optimizer._get_param_partition_rank(param)
+            count = max(0, min(part.numel(), param.ds_numel - start))
+            if count:
+                part.data[:count].copy_(master.flatten()[start:start + count].clamp(max=maximum))
+            if optimizer._swappable_optimizer_subgroup(group):
+                optimizer._optimizer_states_and_gradient_swap_out(group)
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
+        with torch.no_grad():
+            param.clamp_(max=maximum)
+    return maximum
+
+
+def gathered(model):
+    """Context in which every parameter is whole on every rank (ZeRO-3), e.g. for evaluation."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(list(model.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: DeepSpeed's, published atomically; export to one fp32 file
+# ----------------------------------------------------------------------------------------------
+
+def checkpoint_root(out_dir):
+    return os.path.join(out_dir, "checkpoints")
+
+
+def complete_checkpoints(out_dir):
+    """Tags of complete checkpoints (trainer_state.json is written after every rank finished), oldest first."""
+    root = checkpoint_root(out_dir)
+    tags = [t for t in (os.listdir(root) if os.path.isdir(root) else [])
+            if os.path.isfile(os.path.join(root, t, "trainer_state.json"))]
+    return sorted(tags)
+
+
+def latest_checkpoint(out_dir):
+    """The tag the `latest` file names if it is complete, else the newest complete one (or None)."""
+    root, tags = checkpoint_root(out_dir), complete_checkpoints(out_dir)
+    try:
+        with open(os.path.join(root, "latest")) as f:
+            tag = f.read().strip()
+        if tag in tags:
+            return tag
+    except OSError:
+        pass
+    return tags[-1] if tags else None
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, out_dir, step, client_state, trainer_state, keep):
+    """DeepSpeed checkpoint into checkpoints/step_N; once every rank is done, rank 0 writes
+    trainer_state.json into it and then points `latest` at it (both atomic renames). A crash while
+    saving leaves the previous checkpoint the latest complete one."""
+    import torch.distributed as dist
+    root, tag = checkpoint_root(out_dir), f"step_{step:08d}"
+    if dist.get_rank() == 0:
+        marker = os.path.join(root, tag, "trainer_state.json")
+        if os.path.exists(marker):  # an older run's checkpoint of this step: no longer complete while rewritten
+            os.remove(marker)
+    dist.barrier()
+    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        write_atomic(os.path.join(root, tag, "trainer_state.json"), json.dumps(trainer_state, indent=1))
+        write_atomic(os.path.join(root, "latest"), tag)
+        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def consolidated_state_dict(folder):
+    """One fp32 state dict from a checkpoint folder: ZeRO-1/2/3 shards merged from their fp32 master
+    partitions; stage 0 read from the model states file."""
+    with open(os.path.join(folder, "trainer_state.json")) as f:
+        state = json.load(f)
+    if state["zero_stage"] == 0:  # DeepSpeed's consolidation raises TypeError at stage 0
+        # This trainer's own checkpoint file: it holds DeepSpeed's Python objects besides tensors.
+        states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        weights = states["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            weights = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+    return state, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+
+
+def export(folder, path):
+    """Write the checkpoint in `folder` as msclip.save_checkpoint does ({"msclip_config", "state_dict"}),
+    checked by loading it strictly into the model. Returns the model."""
+    state, weights = consolidated_state_dict(folder)
+    model = msclip.load_checkpoint({"msclip_config": state["msclip_config"], "state_dict": weights})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    msclip.save_checkpoint(model, path)
+    return model
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+def memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # peak RSS (KiB on Linux)
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def main(argv=None):
+    started = time.time()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.export:
+        folder = args.checkpoint or (os.path.join(checkpoint_root(args.out_dir), latest_checkpoint(args.out_dir))
+                                     if latest_checkpoint(args.out_dir) else None)
+        if folder is None or not os.path.isfile(os.path.join(folder, "trainer_state.json")):
+            parser.error(f"--export: no complete checkpoint in {args.checkpoint or checkpoint_root(args.out_dir)}")
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+        export(folder, args.export)
+        print(f"exported {folder} -> {args.export}")
+        return None
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    plan, ds_config = resolve(parser, args, world_size)
+    if not args.resume and latest_checkpoint(args.out_dir):
+        parser.error(f"{checkpoint_root(args.out_dir)} already holds checkpoints: pass --resume to continue them "
+                     "or choose another --out_dir")
+    # Data (read before DeepSpeed starts, so that a bad file fails fast)
+    image_size = plan["model_config"].image_size
+    if plan["kind"] == "synthetic":
+        dataset = SyntheticCaptions("train", length=args.synthetic_samples, image_size=image_size, seed=args.seed)
+    elif plan["kind"] == "csv":
+        try:
+            dataset = CsvCaptions(args.train_data, image_size, args.seed, args.csv_separator, args.csv_img_key,
+                                  args.csv_caption_key)
+        except ValueError as e:
+            parser.error(str(e))
+    else:
+        dataset = None
+    warnings.filterwarnings("ignore", category=FutureWarning)  # ZeRO-3 and all_gather deprecation notices
+
+    deepspeed = init_distributed()
+    import torch.distributed as dist
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    cuda = device.type == "cuda"
+    master = rank == 0
+
+    def log(message):
+        if master:
+            print(message, flush=True)
+
+    # Model, optimizer (MS-CLIP's groups), schedule; identical initial weights on every rank
+    torch.manual_seed(args.seed)
+    model = msclip.MSCLIP(plan["model_config"])
+    parameters = sum(p.numel() for p in model.parameters())
+    logit_scale_init = args.logit_scale_init if args.logit_scale_init is not None or args.preset else DEMO_LOGIT_SCALE
+    if logit_scale_init is not None:
+        model.logit_scale.data.fill_(logit_scale_init)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    if plan["zero_stage"] == 3:
+        register_orphan_parameters(model)
+
+    global_micro = plan["micro"] * world_size
+    steps = plan["steps"]
+    if steps is None:  # map-style data: epochs x whole optimizer steps per epoch
+        steps = plan["epochs"] * (len(dataset) // global_micro // plan["accum"])
+        if steps < 1:
+            parser.error(f"{len(dataset)} samples make no optimizer step of {plan['global_batch']} pairs")
+    warmup = plan["warmup_steps"] if plan["warmup_steps"] is not None else int(plan["warmup_fraction"] * steps)
+
+    optimizer = model.configure_optimizers(plan["lr"], plan["wd"], plan["lr_shared"], plan["wd_shared"],
+                                           betas=plan["betas"], eps=plan["eps"])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, steps, plan["warmup_start"],
+                                                                      plan["min_lr_ratio"]))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan["precision"], torch.float32)
+    loss_fn = msclip.ContrastiveLoss(gather_with_grad=True, local_loss=args.local_loss)
+
+    # Resume
+    step, micro_batches, stream_start, skipped_total = 0, 0, {}, {}
+    tag = latest_checkpoint(args.out_dir) if args.resume else None
+    if tag:
+        _, client = engine.load_checkpoint(checkpoint_root(args.out_dir), tag=tag)
+        step, micro_batches = client["step"], client["micro_batches"]
+        skipped_total = dict(client.get("skipped", {}))
+        if client["world_size"] == world_size:
+            set_rng_state(client["rng"][rank])
+            stream_start = client["stream"][rank]
+        elif plan["kind"] == "webdataset":
+            log(f"resuming on {world_size} ranks a run saved on {client['world_size']}: WebDataset streams restart "
+                "at the start of the saved epoch")
+            stream_start = {w: (min(e for e, _ in p.values()), 0) for p in client["stream"] for w in p} or {}
+        if client["global_micro_batch"] != global_micro and plan["kind"] != "webdataset":
+            log(f"warning: micro-batch over all ranks was {client['global_micro_batch']}, now {global_micro}: "
+                "the data order differs from an uninterrupted run")
+        log(f"resumed {checkpoint_root(args.out_dir)}/{tag} at step {step}")
+    elif args.resume:
+        log(f"--resume: no checkpoint in {checkpoint_root(args.out_dir)}, starting from scratch")
+
+    workers = plan["workers"]
+    if plan["kind"] == "webdataset":
+        ranks_shards = len(plan["shards"]) // world_size
+        if workers > ranks_shards:
+            log(f"{len(plan['shards'])} shards over {world_size} ranks: {ranks_shards} DataLoader workers per rank")
+            workers = max(1, ranks_shards)
+        dataset = TarShards(plan["shards"], image_size, args.seed, rank, world_size, stream_start, args.shuffle_buffer)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=plan["micro"], num_workers=workers, collate_fn=collate,
+                                             pin_memory=cuda, prefetch_factor=4 if workers else None,
+                                             persistent_workers=False)
+    else:
+        if plan["groups"]:
+            make_epoch = lambda e: minimal_pair_batches(len(dataset), global_micro, args.seed, e, *plan["groups"])  # noqa: E731
+        else:
+            make_epoch = lambda e: epoch_batches(len(dataset), global_micro, args.seed, e)  # noqa: E731
+        batches = map_style_batches(make_epoch, micro_batches, rank, plan["micro"])
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                                             pin_memory=cuda, prefetch_factor=4 if workers else None)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
+
+    def record(entry):
+        if master:
+            metrics_file.write(json.dumps(entry) + "\n")
+            metrics_file.flush()
+
+    def evaluate():
+        with gathered(engine.module):
+            if plan["zero_stage"] == 3 or master:  # ZeRO-3 gathers weights collectively: every rank takes part
+                return zero_shot_heldout(engine.module, image_size, seed=args.seed, samples=args.eval_samples,
+                                         device=device)
+        return None
+
+    c = plan["model_config"]
+    log(f"MS-CLIP {plan['preset']} {plan['overrides'] or ''}: {parameters / 1e6:.2f}M "
+        f"parameters, {c.layers} layers, width {c.vision_width}, {image_size} px | {plan['kind']} data | ZeRO "
+        f"{plan['zero_stage']}, {plan['precision']}, {world_size} rank(s) on {device.type} | {steps} steps x "
+        f"{plan['global_batch']} pairs ({plan['micro']} per rank x {plan['accum']} accumulation), lr {plan['lr']:g} "
+        f"(shared {plan['lr_shared']:g}), warm-up {warmup}")
+
+    stream_position = dict(stream_start)
+    skipped_since, examples = {}, {}
+    window = {"loss": 0.0, "n": 0, "time": time.time(), "steps": 0}
+    last_saved = step if tag else None
+    state_of = lambda: {"msclip_config": {k: list(v) if isinstance(v, tuple) else v  # noqa: E731
+                                          for k, v in vars(plan["model_config"]).items()},
+                        "step": step, "zero_stage": plan["zero_stage"], "precision": plan["precision"],
+                        "world_size": world_size, "global_batch": plan["global_batch"], "args": vars(args)}
+
+    def checkpoint():
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, {"rng": rng_state(), "stream": stream_position})
+        client = {"step": step, "micro_batches": micro_batches, "world_size": world_size,
+                  "global_micro_batch": global_micro, "skipped": skipped_total,
+                  "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone]}
+        return save(engine, args.out_dir, step, client, state_of(), args.keep)
+
+    iterator = iter(loader)
+    try:
+        stop = min(steps, args.stop_at) if args.stop_at else steps
+        while step < stop:
+            lr = schedule.get_last_lr()[0]
+            for _ in range(plan["accum"]):
+                images, tokens, skipped, positions = next(iterator)
+                for reason, where in skipped:
+                    skipped_since[reason] = skipped_since.get(reason, 0) + 1
+                    examples.setdefault(reason, where)
+                for worker, epoch, ordinal in positions:
+                    stream_position[worker] = (epoch, ordinal)
+                images = images.to(device, dtype, non_blocking=True)
+                tokens = tokens.to(device, non_blocking=True)
+                image_features, text_features, logit_scale = engine(images, tokens)
+                loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+                engine.backward(loss)  # averages the gradients over ranks at the last micro-batch
+                if plan["own_clipping"] and engine.is_gradient_accumulation_boundary():
+                    torch.nn.utils.clip_grad_norm_(engine.module.parameters(), plan["own_clipping"])
+                engine.step()
+                window["loss"] += loss.item()
+                window["n"] += 1
+                micro_batches += 1
+            step += 1
+            window["steps"] += 1
+            scale = clamp_logit_scale(engine)
+
+            if step % args.log_every == 0 or step == stop:
+                counts = torch.tensor([skipped_since.get(r, 0) for r in ("missing", "corrupt", "empty_caption")],
+                                      dtype=torch.float64, device=device)
+                dist.all_reduce(counts)
+                for reason, n in zip(("missing", "corrupt", "empty_caption"), counts.tolist()):
+                    skipped_total[reason] = skipped_total.get(reason, 0) + int(n)
+                if counts.sum() and master:
+                    print(f"skipped so far: {skipped_total} (e.g. {examples})", flush=True)
+                skipped_since = {}
+                elapsed = time.time() - window["time"]
+                pairs_per_s = window["steps"] * plan["global_batch"] / max(elapsed, 1e-9)
+                entry = {"step": step, "loss": window["loss"] / window["n"], "lr": lr, "logit_scale": scale,
+                         "pairs_per_s": pairs_per_s, "memory_gb": memory_gb(device), "epoch": micro_batches *
+                         global_micro / (len(dataset) if plan["kind"] != "webdataset" else
+                                         (args.train_samples or float("inf"))),
+                         "skipped": dict(skipped_total), "time": time.time() - started}
+                record(entry)
+                eta = (steps - step) * elapsed / window["steps"]
+                log(f"step {step:>6}/{steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | logit scale {scale:.3f} | "
+                    f"{pairs_per_s:,.0f} pairs/s | mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}")
+                if engine.monitor.enabled and master:
+                    engine.monitor.write_events([("Train/loss", entry["loss"], step), ("Train/logit_scale", scale, step),
+                                                 ("Train/pairs_per_s", pairs_per_s, step)])
+                window = {"loss": 0.0, "n": 0, "time": time.time(), "steps": 0}
+
+            if plan["eval_every"] > 0 and step % plan["eval_every"] == 0 and step < stop:
+                accuracy = evaluate()
+                if accuracy:
+                    record({"step": step, "zero_shot": accuracy, "time": time.time() - started})
+                    log(f"step {step:>6} | held-out zero-shot: colour {accuracy['colour']:.1%}, shape {accuracy['shape']:.1%}")
+                window["time"] = time.time()
+
+            if args.save_every and step % args.save_every == 0 and step < stop:
+                checkpoint()
+                last_saved = step
+                window["time"] = time.time()
+    finally:
+        del iterator  # stops the DataLoader workers
+
+    if last_saved != step:
+        checkpoint()
+    folder = os.path.join(checkpoint_root(args.out_dir), latest_checkpoint(args.out_dir))
+    exported = os.path.join(args.out_dir, "msclip.pt")
+    if master:
+        export(folder, exported)
+    result = {"steps": step, "checkpoint": folder, "export": exported, "skipped": skipped_total}
+    if plan["eval_every"] >= 0:
+        accuracy = evaluate()
+        if accuracy:
+            record({"step": step, "zero_shot": accuracy, "time": time.time() - started})
+            result["zero_shot"] = accuracy
+            chance = 1 / len(SHAPES), 1 / len(COLOURS)
+            log(f"held-out zero-shot accuracy ({args.eval_samples} new renders): colour {accuracy['colour']:.1%} "
+                f"(chance {chance[1]:.1%}), shape {accuracy['shape']:.1%} (chance {chance[0]:.1%})")
+    dist.barrier()
+    log(f"done: {step} steps in {format_time(time.time() - started)}; checkpoint {folder}; weights for "
+        f"msclip.load_checkpoint / eval.py: {exported}")
+    if metrics_file:
+        metrics_file.close()
+    return result
+
+
+if __name__ == "__main__":
+    main()
