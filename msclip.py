@@ -373,7 +373,7 @@ class MSCLIP(nn.Module):
         self.config = c = config
         self.image = ImageSpecific(c)
         self.text = TextSpecific(c)
-        # With Early Specialization, layer 0 of each tower is modality-specific (stem / text_first),
+        # With Early Specialization, layer 0 of each tower is modality-specific (stem / first_layer),
         # so the layers both modalities run through are 1..layers-1.
         self.first_shared_depth = 1 if c.early_specialization else 0
         self.layers = nn.ModuleList(ModalitySharedLayer(c) for _ in range(self.first_shared_depth, c.layers))
