@@ -586,6 +586,10 @@ def build_parser():
     a("--eval_every", type=int, help="zero-shot on the built-in held-out split every N steps (default: 100 on the "
                                      "built-in data, 0 = only at the end, -1 = never)")
     a("--eval_samples", type=int, default=512, help="held-out renders per evaluation")
+    a("--eval_dataset", action="append", default=[], metavar="[NAME=]PATH",
+      help="also run eval.py's zero-shot on this dataset at every evaluation (repeatable; NAME picks eval.py's "
+           "bundled class names and templates, e.g. CIFAR10=/data/cifar10; eval.py's synthetic-shape and "
+           "synthetic-colour use --eval_samples renders)")
 
     a = p.add_argument_group("DeepSpeed").add_argument
     a("--deepspeed_config", default=os.path.join(HERE, "ds_config.json"))
@@ -964,6 +968,38 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def open_eval_datasets(parser, specs, image_size, synthetic_size):
+    """eval.py datasets ('[NAME=]PATH', or eval.py's synthetic-shape / synthetic-colour with
+    synthetic_size renders) for the in-training zero-shot evaluation."""
+    if not specs:
+        return []
+    sys.path.insert(0, HERE)
+    import eval as evaluation
+    datasets = []
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
+        try:
+            dataset = evaluation.open_dataset(path, name or None, synthetic_size, image_size)
+            datasets.append(evaluation.apply_prompts(dataset, prompt_name=name or None))
+        except evaluation.EvalError as e:
+            parser.error(f"--eval_dataset {spec}: {e}")
+    return datasets
+
+
+def zero_shot_eval_datasets(model, datasets, device, precision, step):
+    """{dataset name: zero-shot top-1 %} through eval.py (the weights must be whole: see gathered())."""
+    if not datasets:
+        return {}
+    import eval as evaluation
+    settings = evaluation.Settings(tasks=["zeroshot"], device=str(device), precision=precision, quiet=True)
+    was_training = model.training
+    model.eval()
+    out = {d.name: evaluation.run_zeroshot(model, f"train_ds step {step}", d, settings, {"splits": {}})["top1"]
+           for d in datasets}
+    model.train(was_training)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -1010,6 +1046,7 @@ def main(argv=None):
             parser.error(str(e))
     else:
         dataset = None
+    eval_sets = open_eval_datasets(parser, args.eval_dataset, plan["model_config"].image_size, args.eval_samples)
     warnings.filterwarnings("ignore", category=FutureWarning)  # ZeRO-3 and all_gather deprecation notices
 
     deepspeed = init_distributed()
@@ -1101,8 +1138,10 @@ def main(argv=None):
     def evaluate():
         with gathered(engine.module):
             if plan["zero_stage"] == 3 or master:  # ZeRO-3 gathers weights collectively: every rank takes part
-                return zero_shot_heldout(engine.module, image_size, seed=args.seed, samples=args.eval_samples,
-                                         device=device)
+                accuracy = zero_shot_heldout(engine.module, image_size, seed=args.seed, samples=args.eval_samples,
+                                             device=device)
+                accuracy.update(zero_shot_eval_datasets(engine.module, eval_sets, device, plan["precision"], step))
+                return accuracy
         return None
 
     c = plan["model_config"]
@@ -1185,7 +1224,9 @@ def main(argv=None):
                 accuracy = evaluate()
                 if accuracy:
                     record({"step": step, "zero_shot": accuracy, "time": time.time() - started})
-                    log(f"step {step:>6} | held-out zero-shot: colour {accuracy['colour']:.1%}, shape {accuracy['shape']:.1%}")
+                    others = "".join(f", {k} {v:.1f}%" for k, v in accuracy.items() if k not in ("colour", "shape"))
+                    log(f"step {step:>6} | held-out zero-shot: colour {accuracy['colour']:.1%}, shape "
+                        f"{accuracy['shape']:.1%}{others}")
                 window["time"] = time.time()
 
             if args.save_every and step % args.save_every == 0 and step < stop:
@@ -1210,6 +1251,9 @@ def main(argv=None):
             chance = 1 / len(SHAPES), 1 / len(COLOURS)
             log(f"held-out zero-shot accuracy ({args.eval_samples} new renders): colour {accuracy['colour']:.1%} "
                 f"(chance {chance[1]:.1%}), shape {accuracy['shape']:.1%} (chance {chance[0]:.1%})")
+            for name, top1 in accuracy.items():
+                if name not in ("colour", "shape"):
+                    log(f"zero-shot top-1 on {name} (eval.py): {top1:.1f}%")
     dist.barrier()
     log(f"done: {step} steps in {format_time(time.time() - started)}; checkpoint {folder}; weights for "
         f"msclip.load_checkpoint / eval.py: {exported}")

@@ -167,7 +167,9 @@ def one_rank(tmp_path_factory):
     wds_steps = ["--steps", "8", "--workers", "1"]  # 4 shards x 8 = 4 steps per pass
     runs = [{"name": "reference", "reference": ref},
             {"name": "stage0", "argv": equal_argv(str(tmp / "stage0"), 1, 0)},
-            {"name": "csv_full", "argv": small_argv(str(tmp / "csv_full"), csv, *csv_steps, "--save_every", "4")},
+            {"name": "csv_full", "argv": small_argv(str(tmp / "csv_full"), csv, *csv_steps, "--save_every", "4",
+                                                    "--eval_every", "0", "--eval_samples", "64",
+                                                    "--eval_dataset", "synthetic-colour")},
             {"name": "csv_part1", "argv": small_argv(str(tmp / "csv_part"), csv, *csv_steps, "--stop_at", "5")},
             {"name": "csv_part2", "argv": small_argv(str(tmp / "csv_part"), csv, *csv_steps, "--resume")},
             {"name": "wds_full", "argv": small_argv(str(tmp / "wds_full"), shards, *wds_steps)},
@@ -270,6 +272,20 @@ def test_csv_resume_is_exact_and_bad_rows_counted(one_rank):
     assert full["skipped"] == expected
     assert part2["skipped"] == expected  # the count survives the resume
     assert "skipped so far" in one_rank[2]
+
+
+def test_eval_py_dataset_during_training(one_rank):
+    """--eval_dataset runs eval.py's zero-shot on the model in training: the same figure eval.py gives
+    for the exported file, next to the built-in held-out accuracies."""
+    sys.path.insert(0, ROOT)
+    import eval as evaluation
+    result = one_rank[1]["csv_full"]["zero_shot"]
+    assert set(result) == {"shape", "colour", "synthetic-colour"}
+    model = msclip.load_checkpoint(str(one_rank[0] / "csv_full" / "msclip.pt"))
+    dataset = evaluation.apply_prompts(evaluation.open_dataset("synthetic-colour", None, 64, 64))
+    metrics = evaluation.run_zeroshot(model, "exported", dataset, evaluation.Settings(tasks=["zeroshot"], quiet=True),
+                                      {"splits": {}})
+    assert result["synthetic-colour"] == pytest.approx(metrics["top1"], abs=1e-9)
 
 
 def test_webdataset_resumes_at_shard_boundary(one_rank):
