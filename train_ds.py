@@ -448,7 +448,8 @@ class TarShards(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        epoch, ordinal = self.start.get(worker, (0, 0))
+        # A worker without a saved position (more workers than when saved) starts the oldest saved epoch.
+        epoch, ordinal = self.start.get(worker) or ((min(e for e, _ in self.start.values()), 0) if self.start else (0, 0))
         skipped = []
         while True:
             mine = self.plan(epoch, worker, workers)
@@ -508,7 +509,7 @@ def map_style_batches(make_epoch, start, rank, micro):
 DEFAULT_PRESET = "msclip-s-tiny-b16"
 DEMO_OVERRIDES = {"layers": 7, "fusion_layers": (2, 3, 4, 5, 6)}
 DEMO_LOGIT_SCALE = math.log(100)
-DEMO_STEPS = 500
+DEMO_STEPS = 600
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -1100,7 +1101,8 @@ def main(argv=None):
         elif plan["kind"] == "webdataset":
             log(f"resuming on {world_size} ranks a run saved on {client['world_size']}: WebDataset streams restart "
                 "at the start of the saved epoch")
-            stream_start = {w: (min(e for e, _ in p.values()), 0) for p in client["stream"] for w in p} or {}
+            epochs = [e for positions in client["stream"] for e, _ in positions.values()]
+            stream_start = {-1: (min(epochs), 0)} if epochs else {}  # no worker -1: all start that epoch
         if client["global_micro_batch"] != global_micro and plan["kind"] != "webdataset":
             log(f"warning: micro-batch over all ranks was {client['global_micro_batch']}, now {global_micro}: "
                 "the data order differs from an uninterrupted run")

@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -426,6 +425,20 @@ def test_webdataset_split_over_ranks_and_workers(tmp_path):
     assert sorted(parts) == sorted(whole)  # no sample twice, none lost
     reasons = sorted(r for r, _ in skipped)
     assert reasons.count("corrupt") == 2 and reasons.count("missing") == 1 and reasons.count("empty_caption") == 1
+
+
+def test_webdataset_start_positions(tmp_path):
+    """A saved stream position restarts that shard; a worker without one (more workers, or another
+    number of ranks, than when saved) starts the oldest saved epoch."""
+    shards = train_ds.expand_shards(write_shards(tmp_path / "shards", shards=4, per_shard=8))
+    plan = train_ds.TarShards(shards, image_size=64).plan(1, 0, 1)
+    first = next(iter(train_ds.TarShards(shards, image_size=64, start={0: (1, 2)})))
+    assert first[3] == (0, 1, 2)
+    assert next(iter(train_ds.TarShards(shards, image_size=64, start={-1: (1, 0)})))[3][1] == 1
+    whole = [s for s, _ in zip(train_ds.TarShards(shards, image_size=64, shuffle_buffer=1), range(24))]
+    resumed = list(zip(train_ds.TarShards(shards, image_size=64, shuffle_buffer=1, start={0: (0, 2)}), range(8)))
+    assert [torch.equal(a[0], b[0][0]) for a, b in zip(whole[16:24], resumed)] == [True] * 8
+    assert len(plan) == 4
 
 
 def test_csv_bad_rows_replaced(tmp_path):
