@@ -415,17 +415,19 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     The DataLoader takes batches from its workers in turn; a loader started after `first_batch`
     batches gives worker i the part of worker (i + first_batch) % workers, so that a resumed loader
-    continues the turns where they were. Unreadable samples are skipped and reported with the next good sample; `patience` unreadable
-    samples in a row, or a whole epoch of a worker without one readable sample, stop the stream
-    with an error naming the shards. Each item: (uint8 image, tokens, skipped, (worker, epoch,
-    (group, n))), the position at which a resumed stream continues once this sample is consumed.
+    continues the turns where they were. Unreadable samples are skipped and reported with the next
+    good sample; `patience` unreadable samples in a row, or a whole epoch of a worker without one
+    readable sample, stop the stream with an error naming the shards. Each item: (uint8 image,
+    tokens, skipped, (worker, epoch, (group, n))), the position at which a resumed stream continues
+    once this sample is consumed.
     `start` maps worker -> such a position (worker -1: every worker; (epoch, 0): the epoch's start).
     """
 
     def __init__(self, shards, image_size=224, seed=0, rank=0, world_size=1, start=None, shuffle_buffer=5000,
                  interleave=8, patience=10000, first_batch=0):
-        self.shards, self.seed, self.rank, self.world_size, self.first_batch = list(shards), seed, rank, world_size, first_batch
-        self.start, self.shuffle_buffer, self.interleave, self.patience = dict(start or {}), shuffle_buffer, interleave, patience
+        self.shards, self.seed, self.rank, self.world_size = list(shards), seed, rank, world_size
+        self.start, self.first_batch = dict(start or {}), first_batch
+        self.shuffle_buffer, self.interleave, self.patience = shuffle_buffer, interleave, patience
         self.image_size, self.transform = image_size, PixelTransform(image_size, train=True)
 
     def plan(self, epoch, worker, workers):
@@ -491,17 +493,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                         skipped.append((e.reason, e.where))
                         failures += 1
                         if failures >= self.patience:
-                            raise RuntimeError(f"WebDataset: {failures} samples in a row unreadable (e.g. {skipped[-3:]}) "
-                                               f"in shards {', '.join(groups[g])}: check the data") from None
+                            raise RuntimeError(f"WebDataset: {failures} samples in a row unreadable (e.g. "
+                                               f"{skipped[-3:]}) in shards {', '.join(groups[g])}: check the data")
                         continue
                     failures, readable = 0, True
                     yield image, tokens, skipped, (worker, epoch, (g, n + 1))
                     skipped = []
                 done = 0
             if whole_epoch and not readable:
-                raise RuntimeError(f"WebDataset: no readable sample in epoch {epoch} of rank {self.rank} worker {worker}"
-                                   f" ({len(skipped)} unreadable, e.g. {skipped[:2]}); its shards: {', '.join(mine[:8])}"
-                                   f"{' ...' if len(mine) > 8 else ''}")
+                raise RuntimeError(f"WebDataset: no readable sample in epoch {epoch} of rank {self.rank} worker "
+                                   f"{worker} ({len(skipped)} unreadable, e.g. {skipped[:2]}); its shards: "
+                                   f"{', '.join(mine[:8])}{' ...' if len(mine) > 8 else ''}")
             epoch, first_group = epoch + 1, 0
 
 
@@ -671,7 +673,8 @@ def train_loader(dataset, micro, rank, world_size, workers, seed=0, start_micro_
             log(f"{len(dataset.shards)} shards over {world_size} ranks: {per_rank} DataLoader workers per rank")
             workers = max(1, per_rank)
         stream = ShardStream(dataset.shards, dataset.image_size, dataset.seed, rank, world_size,
-                             stream_start, dataset.shuffle_buffer, dataset.interleave, dataset.patience, start_micro_batch)
+                             stream_start, dataset.shuffle_buffer, dataset.interleave, dataset.patience,
+                             start_micro_batch)
         return torch.utils.data.DataLoader(stream, batch_size=micro, num_workers=workers, collate_fn=collate,
                                            pin_memory=pin_memory, prefetch_factor=4 if workers else None,
                                            persistent_workers=False)
