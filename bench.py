@@ -557,14 +557,17 @@ def bench_data(args, device):
         print(f"{total} JPEGs (256-512 px, {megabytes / total * 1024:.0f} KiB each) in {args.data_shards} shards")
         stream = data.ShardStream(data.expand_shards(spec), config.image_size, shuffle_buffer=args.data_per_shard)
         list(itertools.islice(iter(stream), 16))                     # warm: tokenizer, PIL plugins
-        rates = []
+        threads, rates = torch.get_num_threads(), []
+        torch.set_num_threads(1)                                     # as in a DataLoader worker
         for _ in range(3):
             wall, cpu = time.perf_counter(), time.process_time()
             count = sum(1 for _ in itertools.islice(iter(stream), total))
             rates.append((count / (time.perf_counter() - wall), count / (time.process_time() - cpu)))
+        torch.set_num_threads(threads)
         per_worker = max(r for r, _ in rates)
+        per_cpu_second = statistics.median(c for _, c in rates)
         print(f"one worker, {config.image_size} px: {per_worker:.0f} samples/s wall (best of 3), "
-              f"{statistics.median(c for _, c in rates):.0f} per CPU-second")
+              f"{per_cpu_second:.0f} per CPU-second")
         batch = args.batch_size
         torch.manual_seed(0)
         trainer = Trainer(msclip.create_model(args.preset), args, device)
@@ -584,9 +587,9 @@ def bench_data(args, device):
         end_to_end = statistics.mean(e["pairs_per_s"] for e in entries[1:])  # after the warm-up window
     print(f"{args.preset}, batch {batch}, {args.precision}: bare step {bare:.2f} pairs/s (median of {args.steps}); "
           f"train_ds.py with {args.data_workers} worker(s) {end_to_end:.2f} pairs/s ({end_to_end / bare:.0%}); "
-          f"workers needed to feed the bare step: {bare / per_worker:.2f}")
+          f"workers needed to feed the bare step: {bare / per_cpu_second:.2f} (at a worker's CPU-second rate)")
     return {"mode": "data", "preset": args.preset, "image_size": config.image_size, "batch_size": batch,
-            "samples_per_s_per_worker": per_worker, "rates": rates, "bare_pairs_per_s": bare,
+            "samples_per_s_per_worker": per_worker, "samples_per_cpu_second": per_cpu_second, "rates": rates, "bare_pairs_per_s": bare,
             "train_ds_pairs_per_s": end_to_end, "workers": args.data_workers, "jpeg_kib": megabytes / total * 1024}
 
 

@@ -224,6 +224,8 @@ def resolve(parser, args, world_size):
         if len(shards) < world_size:
             fail(f"{len(shards)} WebDataset shards cannot be split over {world_size} ranks without duplication: "
                  "use more shards or fewer ranks")
+        if args.shuffle_buffer < 1 or args.interleave_shards < 1:
+            fail("--shuffle_buffer and --interleave_shards must be >= 1")
         if args.steps is None and args.train_samples is None:
             fail("WebDataset shards have no known length: give --train_samples (samples per epoch) or --steps")
     plan.update(kind=kind, shards=shards)
