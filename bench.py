@@ -555,7 +555,11 @@ def bench_data(args, device):
         total = args.data_shards * args.data_per_shard
         megabytes = sum(f.stat().st_size for f in Path(tmp).glob("*.tar")) / 2 ** 20
         print(f"{total} JPEGs (256-512 px, {megabytes / total * 1024:.0f} KiB each) in {args.data_shards} shards")
-        stream = data.ShardStream(data.expand_shards(spec), config.image_size, shuffle_buffer=args.data_per_shard)
+        cpu_device = torch.device("cpu")
+        msclip.default_tokenizer()
+        reset_peak_memory(cpu_device)
+        base = current_memory(cpu_device)
+        stream = data.ShardStream(data.expand_shards(spec), config.image_size, shuffle_buffer=total)
         list(itertools.islice(iter(stream), 16))                     # warm: tokenizer, PIL plugins
         threads, rates = torch.get_num_threads(), []
         torch.set_num_threads(1)                                     # as in a DataLoader worker
@@ -566,6 +570,9 @@ def bench_data(args, device):
         torch.set_num_threads(threads)
         per_worker = max(r for r, _ in rates)
         per_cpu_second = statistics.median(c for _, c in rates)
+        streaming = peak_memory(cpu_device) - base
+        print(f"streaming with all {total} samples in the shuffle buffer ({megabytes:.1f} MiB of JPEG bytes): "
+              f"peak RSS {streaming / 2 ** 20:.1f} MiB above the process before")
         print(f"one worker, {config.image_size} px: {per_worker:.0f} samples/s wall (best of 3), "
               f"{per_cpu_second:.0f} per CPU-second")
         batch = args.batch_size
@@ -590,7 +597,8 @@ def bench_data(args, device):
           f"workers needed to feed the bare step: {bare / per_cpu_second:.2f} (at a worker's CPU-second rate)")
     return {"mode": "data", "preset": args.preset, "image_size": config.image_size, "batch_size": batch,
             "samples_per_s_per_worker": per_worker, "samples_per_cpu_second": per_cpu_second, "rates": rates, "bare_pairs_per_s": bare,
-            "train_ds_pairs_per_s": end_to_end, "workers": args.data_workers, "jpeg_kib": megabytes / total * 1024}
+            "train_ds_pairs_per_s": end_to_end, "workers": args.data_workers, "jpeg_kib": megabytes / total * 1024,
+            "streaming_peak_rss_above_base": streaming}
 
 
 def zero_model_state_bytes(params, stage, world):
