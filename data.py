@@ -265,21 +265,15 @@ def clean_caption(caption, where):
 
 
 class PixelTransform:
-    """msclip.ImageTransform's crops and bicubic resampling (its own crop-box methods) with uint8
-    [3, size, size] output: what training workers send, a quarter of fp32's shared memory, and
-    none of the float work. normalize_images() of it equals ImageTransform's output (tested)."""
+    """msclip.ImageTransform's crop and resize with uint8 [3, size, size] output: what training
+    workers send, a quarter of fp32's shared memory, and none of the float work.
+    normalize_images() of it equals ImageTransform's output (tested)."""
 
     def __init__(self, size=224, train=False):
         self.geometry = msclip.ImageTransform(size, train=train)
 
     def __call__(self, image, rng=None):
-        g, image = self.geometry, image.convert("RGB")
-        if g.train:
-            box = g._random_crop_box(image.size, rng or random.Random())
-            image = image.resize((g.size, g.size), Image.BICUBIC, box=box)
-        else:
-            image = g._center_crop(g._resize_shorter(image))
-        return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
+        return torch.from_numpy(self.geometry.pixels(image, rng).transpose(2, 0, 1).copy())
 
 
 _NORMALISATION = {}
