@@ -581,14 +581,15 @@ def save(engine, out_dir, step, client_state, trainer_state, keep, group):
 
 def checkpoint_globals():
     """The only non-tensor types a checkpoint of this trainer holds, for torch.load(weights_only=True):
-    numpy arrays (the saved numpy RNG state), and DeepSpeed's ZeRO stage enum, loss scaler and
+    numpy arrays (the saved numpy RNG state), and DeepSpeed's ZeRO stage enum, loss scalers and
     fragment addresses (ZeRO optimizer files). Found with torch.serialization.get_unsafe_globals_in_checkpoint
-    on checkpoints of ZeRO 0-3, fp32 and bf16."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    on checkpoints of ZeRO 0-3, fp32 and bf16; fp16 (GPUs only) keeps a DynamicLossScaler there."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
     uint32 = np.zeros(1, dtype=np.uint32)
-    return [uint32.__reduce__()[0], np.ndarray, np.dtype, type(uint32.dtype), ZeroStageEnum, LossScaler, fragment_address]
+    return [uint32.__reduce__()[0], np.ndarray, np.dtype, type(uint32.dtype), ZeroStageEnum, LossScaler,
+            DynamicLossScaler, fragment_address]
 
 
 @contextlib.contextmanager
@@ -626,7 +627,7 @@ def consolidated_state_dict(folder):
                     weights = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder),
                                                                        tag=os.path.basename(folder))
     except __import__("pickle").UnpicklingError as e:
-        found = re.search(r"(?:GLOBAL|got <class ')([\w.]+)", str(e))
+        found = re.search(r"(?:GLOBAL |got <class ')([\w.]+)", str(e))
         raise ValueError(f"{folder} holds a Python object that is not a tensor or one of the types DeepSpeed "
                          f"checkpoints hold ({found.group(1) if found else 'unknown type'}): refusing to load it, "
                          "since unpickling it could run code") from None
