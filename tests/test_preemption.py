@@ -142,11 +142,13 @@ def runs(tmp_path_factory):
         for process in frozen:
             process.send_signal(signal.SIGKILL)
         out["first_rc"] = first.wait()
+        out["stale"] = partial / "zero_pp_rank_7_mp_rank_00_optim_states.pt"  # as an 8-rank run would leave
+        out["stale"].write_bytes(b"optimizer shard of another world size")
         out["first"] = first.results(0), first.results(1)
 
         # 2: --resume of the killed run; SIGTERM to the `deepspeed` command alone
         second = Launch(tmp, "signal_to_runner", [
-            {"name": "kill9_resume", "argv": argv(tmp / "kill9", "--resume")},
+            {"name": "kill9_resume", "argv": argv(tmp / "kill9", "--resume", "--keep", "0")},
             {"name": "runner_term", "argv": argv(tmp / "runner_term")}])
         second.at_step(tmp / "runner_term", 6)
         launch_py = second.launch_py()
@@ -199,6 +201,9 @@ def test_kill9_while_writing_resumes_from_previous_checkpoint(runs):
     assert "resumed" in runs["logs"] and f"kill9/checkpoints/step_{SAVE_EVERY:08d} at step {SAVE_EVERY}" in runs["logs"]
     assert resumed["steps"] == STEPS and resumed["logged_steps"] == list(range(1, STEPS + 1))
     assert_same_weights(tmp / "full" / "msclip.pt", tmp / "kill9" / "msclip.pt")
+    # the resumed run rewrote the interrupted checkpoint's folder from empty: no stale shard left in it
+    assert (runs["stale"].parent / train_ds.MARKER).exists() and not runs["stale"].exists()
+    assert "--keep 2 -> 0" in runs["logs"]  # a changed option is named, not refused
 
 
 def test_sigterm_to_deepspeed_command_stops_ranks(runs):
