@@ -893,6 +893,9 @@ def load_checkpoint(source, map_location="cpu"):
     """An MSCLIP in eval mode from a path or a state dict: this project's checkpoints (save_checkpoint,
     train_ds.py's export) or a released MS-CLIP-S state dict. Files load with weights_only=True."""
     if isinstance(source, (str, os.PathLike)):
+        if os.path.isdir(source):
+            raise ValueError(f"{source} is a folder (a train_ds.py checkpoint?): export it to one file first, "
+                             f"python train_ds.py --checkpoint {source} --export msclip.pt")
         source = torch.load(source, map_location=map_location, weights_only=True)
     if not isinstance(source, dict):
         raise ValueError(f"expected a state dict (a dict of tensors), got {type(source).__name__}")

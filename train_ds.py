@@ -425,8 +425,12 @@ def gathered(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: DeepSpeed's, published atomically; export to one fp32 file
+# Checkpoints: DeepSpeed's, published atomically and durably; export to one fp32 file
 # ----------------------------------------------------------------------------------------------
+
+MARKER = "trainer_state.json"  # written last, after every rank's files are on disk: a checkpoint is complete
+LOCK = "train.lock"  # flock-ed by rank 0 for the run's life: one run per --out_dir
+
 
 def checkpoint_root(out_dir):
     return os.path.join(out_dir, "checkpoints")
@@ -436,7 +440,7 @@ def complete_checkpoints(out_dir):
     """Tags of complete checkpoints (trainer_state.json is written after every rank finished), oldest first."""
     root = checkpoint_root(out_dir)
     tags = [t for t in (os.listdir(root) if os.path.isdir(root) else [])
-            if os.path.isfile(os.path.join(root, t, "trainer_state.json"))]
+            if os.path.isfile(os.path.join(root, t, MARKER))]
     return sorted(tags)
 
 
@@ -453,6 +457,15 @@ def latest_checkpoint(out_dir):
     return tags[-1] if tags else None
 
 
+def fsync_path(path):
+    """Flush a file's or a folder's (its entries') data to the disk, not just to the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path, text):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -460,43 +473,164 @@ def write_atomic(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))  # the rename itself survives a power cut
 
 
-def save(engine, out_dir, step, client_state, trainer_state, keep):
-    """DeepSpeed checkpoint into checkpoints/step_N; once every rank is done, rank 0 writes
-    trainer_state.json into it and then points `latest` at it (both atomic renames). A crash while
-    saving leaves the previous checkpoint the latest complete one."""
+def remove_checkpoint(folder):
+    """Marker first (and flushed), so that a deletion cut short never leaves a 'complete' partial folder."""
+    marker = os.path.join(folder, MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)
+        fsync_path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_error(error, folder):
+    """What went wrong writing into `folder`, in words a user acts on (torch.save reports a full disk
+    as 'file write failed' or 'basic_ios::clear: iostream error')."""
+    import errno
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device of {folder} (or the disk quota is used up)"
+    if isinstance(error, OSError) and error.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system"
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to write in {folder}"
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if free is not None and free < 64 * 2 ** 20:
+        return f"no space left on the device of {folder} ({free / 2 ** 20:.1f} MiB free)"
+    return f"{type(error).__name__}: {error}" if error is not None else "unknown error"
+
+
+def agree(error, group):
+    """Every rank's error (a string or None) -> one message naming the failing ranks, or None."""
+    import torch.distributed as dist
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, error, group=group)
+    failed = [(r, e) for r, e in enumerate(everyone) if e]
+    return "; ".join(f"rank {r}: {e}" for r, e in failed[:4]) + (" ..." if len(failed) > 4 else "") if failed else None
+
+
+def own_files(folder, rank):
+    """The files of a DeepSpeed checkpoint folder that `rank` wrote: its zero_pp_rank_R_* shards; rank 0
+    also the rank-less ones (mp_rank_00_model_states.pt, zero_to_fp32.py)."""
+    names = sorted(os.listdir(folder))
+    ranks = {n: re.search(r"zero_pp_rank_(\d+)_", n) for n in names}
+    return [os.path.join(folder, n) for n, m in ranks.items() if (int(m.group(1)) if m else 0) == rank]
+
+
+def save(engine, out_dir, step, client_state, trainer_state, keep, group):
+    """DeepSpeed checkpoint into checkpoints/step_N, made durable before it counts: rank 0 empties the
+    tag folder (an older run's files of this step, e.g. from another world size, would otherwise
+    stay), every rank writes and fsyncs its own files, then rank 0 writes trainer_state.json (the
+    completion marker) and points `latest` at it, and prunes older checkpoints marker first. A crash
+    or a failed write at any point leaves the previous complete checkpoint the resume point; a
+    failed write stops every rank with a message that says why (full disk, read-only, ...)."""
     import torch.distributed as dist
     root, tag = checkpoint_root(out_dir), f"step_{step:08d}"
-    if dist.get_rank() == 0:
-        marker = os.path.join(root, tag, "trainer_state.json")
-        if os.path.exists(marker):  # an older run's checkpoint of this step: no longer complete while rewritten
-            os.remove(marker)
-    dist.barrier()
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        write_atomic(os.path.join(root, tag, "trainer_state.json"), json.dumps(trainer_state, indent=1))
-        write_atomic(os.path.join(root, "latest"), tag)
-        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    dist.barrier()
+    folder, rank = os.path.join(root, tag), dist.get_rank()
+    error = None
+    if rank == 0:
+        try:
+            remove_checkpoint(folder)
+            os.makedirs(folder)
+        except OSError as e:
+            error = write_error(e, root)
+    problem = agree(error, group)
+    if problem is None:
+        try:
+            engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        except (OSError, RuntimeError) as e:  # raised while writing, after DeepSpeed's collectives but its last
+            dist.barrier()  # ... barrier, which the ranks that wrote their files wait in
+            error = write_error(e, root)
+        if error is None:
+            try:
+                for path in own_files(folder, rank):
+                    fsync_path(path)
+                fsync_path(folder)
+            except OSError as e:
+                error = write_error(e, root)
+        problem = agree(error, group)
+    if problem is None and rank == 0:
+        try:
+            write_atomic(os.path.join(folder, MARKER), json.dumps(trainer_state, indent=1))
+            write_atomic(os.path.join(root, "latest"), tag)
+        except OSError as e:
+            error = write_error(e, root)
+        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 and error is None else []:
+            try:
+                remove_checkpoint(os.path.join(root, old))
+            except OSError as e:  # the new checkpoint is complete: an old one left behind is no loss
+                print(f"warning: could not remove old checkpoint {old}: {e}", flush=True)
+    problem = problem or agree(error, group)
+    if problem:
+        if rank == 0:
+            with contextlib.suppress(OSError):
+                remove_checkpoint(folder)  # frees the space a partial checkpoint holds
+        previous = latest_checkpoint(out_dir)
+        message = (f"checkpoint {tag} could not be written ({problem}). " +
+                   (f"The last complete checkpoint, {previous}, stays the resume point: fix this and run again with "
+                    "--resume." if previous else "No complete checkpoint exists yet."))
+        raise SystemExit(message if rank == 0 else 1)
     return tag
+
+
+def checkpoint_globals():
+    """The only non-tensor types a checkpoint of this trainer holds, for torch.load(weights_only=True):
+    numpy arrays (the saved numpy RNG state), and DeepSpeed's ZeRO stage enum, loss scalers and
+    fragment addresses (ZeRO optimizer files). Found with torch.serialization.get_unsafe_globals_in_checkpoint
+    on checkpoints of ZeRO 0-3, fp32 and bf16; fp16 (GPUs only) keeps a DynamicLossScaler there."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    uint32 = np.zeros(1, dtype=np.uint32)
+    return [uint32.__reduce__()[0], np.ndarray, np.dtype, type(uint32.dtype), ZeroStageEnum, LossScaler,
+            DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Inside, every torch.load loads with weights_only=True and only checkpoint_globals() besides
+    tensors, DeepSpeed's consolidation (which asks for weights_only=False) included: a checkpoint
+    folder someone hands us cannot run code."""
+    load = torch.load
+
+    def safe_load(*args, **kwargs):
+        return load(*args, **{**kwargs, "weights_only": True})
+
+    with torch.serialization.safe_globals(checkpoint_globals()):
+        torch.load = safe_load
+        try:
+            yield
+        finally:
+            torch.load = load
 
 
 def consolidated_state_dict(folder):
     """One fp32 state dict from a checkpoint folder: ZeRO-1/2/3 shards merged from their fp32 master
-    partitions; stage 0 read from the model states file."""
-    with open(os.path.join(folder, "trainer_state.json")) as f:
+    partitions by DeepSpeed's zero_to_fp32; stage 0 read from the model states file. Every file is
+    loaded with weights_only=True (see weights_only_loading); a file holding any other Python
+    object is refused with a message that names it."""
+    with open(os.path.join(folder, MARKER)) as f:
         state = json.load(f)
-    if state["zero_stage"] == 0:  # DeepSpeed's consolidation raises TypeError at stage 0
-        # This trainer's own checkpoint file: it holds DeepSpeed's Python objects besides tensors.
-        states = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
-        weights = states["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            weights = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+    try:
+        with weights_only_loading():
+            if state["zero_stage"] == 0:  # DeepSpeed's consolidation raises TypeError at stage 0
+                weights = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu")["module"]
+            else:
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    weights = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder),
+                                                                       tag=os.path.basename(folder))
+    except __import__("pickle").UnpicklingError as e:
+        found = re.search(r"(?:GLOBAL |got <class ')([\w.]+)", str(e))
+        raise ValueError(f"{folder} holds a Python object that is not a tensor or one of the types DeepSpeed "
+                         f"checkpoints hold ({found.group(1) if found else 'unknown type'}): refusing to load it, "
+                         "since unpickling it could run code") from None
     return state, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
 
 
@@ -523,6 +657,196 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# One run per --out_dir, checks before DeepSpeed starts, preemption (signals, a vanished launcher)
+# ----------------------------------------------------------------------------------------------
+
+def out_dir_holder(out_dir):
+    """Who holds --out_dir's lock ('pid P on host H since T'), or None when no live run does.
+    A shared (probe) lock conflicts only with a live holder's exclusive one: a crashed run's lock
+    is gone with its process (on NFS once the server notices, see the README)."""
+    import fcntl
+    path = os.path.join(out_dir, LOCK)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            try:
+                holder = json.loads(f.read())
+                return f"pid {holder['pid']} on host {holder['host']} since {holder['started']}"
+            except (ValueError, KeyError):
+                return "another process"
+        except OSError:  # no flock on this file system (e.g. Lustre without -o flock): nothing to learn
+            return None
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def lock_out_dir(out_dir):
+    """Rank 0 takes --out_dir's lock for the run's life. Returns (open lock file or None, problem or None)."""
+    import fcntl
+    f = open(os.path.join(out_dir, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None, f"--out_dir {out_dir} is in use by another training ({out_dir_holder(out_dir)})"
+    except OSError as e:
+        print(f"warning: cannot lock {f.name} ({e.strerror}): make sure no other run writes to {out_dir}", flush=True)
+        return f, None
+    f.truncate(0)
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": sys.argv}))
+    f.flush()
+    return f, None
+
+
+def resume_differences(saved, plan, world_size, args):
+    """(differences that make --resume fail, changed options that only change the rest of the run)."""
+    model = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(plan["model_config"]).items()}
+    blocking = [f"model {k}: saved {saved['msclip_config'].get(k)}, requested {v}"
+                for k, v in model.items() if saved["msclip_config"].get(k) != v]
+    for key in ("zero_stage", "precision"):
+        if saved[key] != plan[key]:
+            blocking.append(f"{key}: saved {saved[key]}, requested {plan[key]}")
+    if saved["world_size"] != world_size and plan["zero_stage"] > 0:
+        blocking.append(f"ranks: saved {saved['world_size']}, now {world_size} (DeepSpeed cannot re-partition ZeRO "
+                        "optimizer states: resume on as many ranks, or convert the checkpoint with ds_to_universal)")
+    ignored = {"resume", "stop_at", "local_rank", "deepspeed", "export", "checkpoint", "out_dir", "deepspeed_config"}
+    changed = [f"--{k} {saved['args'].get(k)} -> {v}" for k, v in vars(args).items()
+               if k not in ignored and k in saved.get("args", {}) and json.loads(json.dumps(v)) != saved["args"][k]]
+    return blocking, changed
+
+
+def check_out_dir(args, plan, world_size):
+    """Problems with --out_dir found before DeepSpeed starts (every rank reads the folder): a live run
+    holds it, it is not writable, it holds checkpoints but --resume is missing, or its latest
+    checkpoint cannot be resumed with the requested settings. Returns (problem or None, notes)."""
+    out_dir = args.out_dir
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        holder = out_dir_holder(out_dir)
+    except OSError as e:
+        return f"--out_dir {out_dir} is not writable: {write_error(e, out_dir)}", []
+    if holder:
+        return (f"--out_dir {out_dir} is in use by another training ({holder}): wait for it to finish, stop it, "
+                "or choose another --out_dir"), []
+    tag = latest_checkpoint(out_dir)
+    if tag and not args.resume:
+        return (f"{checkpoint_root(out_dir)} already holds checkpoints: pass --resume to continue them or choose "
+                "another --out_dir"), []
+    if not tag:
+        return None, []
+    with open(os.path.join(checkpoint_root(out_dir), tag, MARKER)) as f:
+        saved = json.load(f)
+    blocking, changed = resume_differences(saved, plan, world_size, args)
+    if blocking:
+        return (f"--resume: {checkpoint_root(out_dir)}/{tag} was saved with other settings: " + "; ".join(blocking)
+                + ". Resume with the saved settings or choose another --out_dir"), []
+    return None, [f"--resume {tag}: options changed since the checkpoint: {', '.join(changed)}"] if changed else []
+
+
+def claim_out_dir(out_dir, resume, group):
+    """After DeepSpeed's process group exists: rank 0 takes the lock (closing the window in which two
+    runs started at once both passed check_out_dir) and picks the checkpoint to resume; every rank
+    gets rank 0's answer (ranks on a shared file system may see different listings). Returns (lock
+    file on rank 0, tag or None, problem or None)."""
+    import torch.distributed as dist
+    lock, answer = None, [None, None]
+    if dist.get_rank() == 0:
+        lock, problem = lock_out_dir(out_dir)
+        answer = [latest_checkpoint(out_dir) if resume and not problem else None, problem]
+    dist.broadcast_object_list(answer, src=0, group=group)
+    return lock, answer[0], answer[1]
+
+
+def trim_metrics(path, step):
+    """Keep the records of steps <= `step` (the resume point; 0 for a fresh start): after a resume
+    metrics.jsonl holds each step once. A line cut by a crash is dropped."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+    write_atomic(path, "".join(kept))
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # schedulers' preemption notice; SLURM sends SIGUSR1 with --signal=USR1@SECONDS
+
+
+def catch_stop_signals():
+    """SIGTERM / SIGUSR1 no longer kill the rank: they set a flag that the loop reads at the next step
+    boundary (then checkpoint, exit 0). Returns the flag: {"reason": None or what asked to stop}."""
+    import signal
+    requested = {"reason": None}
+
+    def handler(signum, frame):
+        requested["reason"] = requested["reason"] or signal.Signals(signum).name
+
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), handler)
+    return requested
+
+
+def ignoring_stop_signals(worker_init_fn=None):
+    """A DataLoader worker_init_fn that makes workers ignore the stop signals: SLURM and DeepSpeed's
+    launch.py signal every process of a rank, and a worker killed mid-step would abort the rank
+    (the rank stops its workers itself after the checkpoint)."""
+    def init(worker_id):
+        import signal
+        for name in STOP_SIGNALS:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+        if worker_init_fn is not None:
+            worker_init_fn(worker_id)
+    return init
+
+
+def launcher_processes():
+    """The processes that launched this rank, to watch: its parent when a launcher started it
+    (deepspeed's launch.py, torchrun, srun, mpirun set RANK), and above launch.py the `deepspeed`
+    command, which on one node dies of a SIGTERM without passing it on. Plain `python` watches nothing
+    (a closed terminal must not stop a nohup-ed run)."""
+    if "RANK" not in os.environ:
+        return []
+    import psutil
+    try:
+        parent = psutil.Process().parent()
+        watched = [parent] if parent else []
+        above = parent.parent() if parent and "deepspeed.launcher.launch" in " ".join(parent.cmdline()) else None
+        if above and "deepspeed" in " ".join(above.cmdline()):
+            watched.append(above)
+        return watched
+    except psutil.Error:
+        return []
+
+
+def launcher_gone(process):
+    import psutil
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def stop_requested(requested, launchers, group):
+    """At a step boundary: does any rank want to stop (a stop signal, or a launcher of its gone)? One
+    integer all-reduced over a CPU (gloo) group: no device synchronisation, and every rank stops after
+    the same step."""
+    import torch.distributed as dist
+    if requested["reason"] is None:
+        gone = [p.pid for p in launchers if launcher_gone(p)]
+        requested["reason"] = f"launcher process {gone[0]} is gone" if gone else None
+    flag = torch.tensor([requested["reason"] is not None], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
 
 
 def open_eval_datasets(parser, specs, image_size, synthetic_size):
@@ -583,14 +907,17 @@ def main(argv=None):
         if folder is None or not os.path.isfile(os.path.join(folder, "trainer_state.json")):
             parser.error(f"--export: no complete checkpoint in {args.checkpoint or checkpoint_root(args.out_dir)}")
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        export(folder, args.export)
+        try:
+            export(folder, args.export)
+        except ValueError as e:
+            parser.error(f"--export: {e}")
         print(f"exported {folder} -> {args.export}")
         return None
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     plan, ds_config = resolve(parser, args, world_size)
-    if not args.resume and latest_checkpoint(args.out_dir):
-        parser.error(f"{checkpoint_root(args.out_dir)} already holds checkpoints: pass --resume to continue them "
-                     "or choose another --out_dir")
+    problem, notes = check_out_dir(args, plan, world_size)
+    if problem:
+        parser.error(problem)
     # Data (read before DeepSpeed starts, so that a bad file fails fast)
     image_size = plan["model_config"].image_size
     try:
@@ -602,9 +929,17 @@ def main(argv=None):
     eval_sets = open_eval_datasets(parser, args.eval_dataset, plan["model_config"].image_size, args.eval_samples)
     warnings.filterwarnings("ignore", category=FutureWarning)  # ZeRO-3 and all_gather deprecation notices
 
+    launchers = launcher_processes()  # before init_distributed, which sets RANK for plain `python`
     deepspeed = init_distributed()
     import torch.distributed as dist
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    control = dist.new_group(backend="gloo")  # host-side agreement (stop, checkpoint errors) without device syncs
+    lock, resume_tag, problem = claim_out_dir(args.out_dir, args.resume, control)
+    if problem:
+        if rank == 0:
+            parser.error(problem)
+        sys.exit(2)
+    stop_signal = catch_stop_signals()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     cuda = device.type == "cuda"
     master = rank == 0
@@ -612,6 +947,9 @@ def main(argv=None):
     def log(message):
         if master:
             print(message, flush=True)
+
+    for note in notes:
+        log(note)
 
     # Model, optimizer (MS-CLIP's groups), schedule; identical initial weights on every rank
     torch.manual_seed(args.seed)
@@ -642,7 +980,7 @@ def main(argv=None):
 
     # Resume
     step, micro_batches, stream_start, skipped_total = 0, 0, {}, {}
-    tag = latest_checkpoint(args.out_dir) if args.resume else None
+    tag = resume_tag
     if tag:
         _, client = engine.load_checkpoint(checkpoint_root(args.out_dir), tag=tag)
         step, micro_batches = client["step"], client["micro_batches"]
@@ -665,7 +1003,10 @@ def main(argv=None):
     loader = data.train_loader(dataset, plan["micro"], rank, world_size, plan["workers"], args.seed, micro_batches,
                                stream_start, plan["groups"], pin_memory=cuda, log=log)
 
+    loader.worker_init_fn = ignoring_stop_signals(loader.worker_init_fn)
     os.makedirs(args.out_dir, exist_ok=True)
+    if master:
+        trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), step)
     metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
 
     def record(entry):
@@ -704,12 +1045,14 @@ def main(argv=None):
         client = {"step": step, "micro_batches": micro_batches, "world_size": world_size,
                   "global_micro_batch": global_micro, "skipped": skipped_total,
                   "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone]}
-        return save(engine, args.out_dir, step, client, state_of(), args.keep)
+        return save(engine, args.out_dir, step, client, state_of(), args.keep, control)
 
     iterator = iter(loader)
     try:
         stop = min(steps, args.stop_at) if args.stop_at else steps
         while step < stop:
+            if stop_requested(stop_signal, launchers, control):
+                break
             lr = schedule.get_last_lr()[0]
             for _ in range(plan["accum"]):
                 images, tokens, skipped, positions = next(iterator)
@@ -777,6 +1120,15 @@ def main(argv=None):
     if last_saved != step:
         checkpoint()
     folder = os.path.join(checkpoint_root(args.out_dir), latest_checkpoint(args.out_dir))
+    if step < stop:  # preempted: the checkpoint is all there is time for (schedulers SIGKILL ~30 s later)
+        if stop_signal["reason"]:
+            print(f"rank {rank}: {stop_signal['reason']}", flush=True)
+        log(f"stopped at step {step} of {steps}: checkpoint {folder}; continue with --resume")
+        if metrics_file:
+            metrics_file.close()
+        if lock:
+            lock.close()
+        return {"steps": step, "checkpoint": folder, "stopped": True, "skipped": skipped_total}
     exported = os.path.join(args.out_dir, "msclip.pt")
     if master:
         export(folder, exported)
@@ -797,6 +1149,8 @@ def main(argv=None):
         f"msclip.load_checkpoint / eval.py: {exported}")
     if metrics_file:
         metrics_file.close()
+    if lock:
+        lock.close()
     return result
 
 
