@@ -753,7 +753,8 @@ def resolve(parser, args, world_size):
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if not cuda and precision == "fp16":
-        fail("--precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use fp32 or bf16")
+        fail("--precision fp16 is for GPUs (fp16 has no speed on CPUs and needs loss scaling): use fp32, or bf16 "
+             "where the CPU has bf16 units")
     if not cuda and precision == "bf16" and not cpu_has_bf16() and os.environ.get("RANK", "0") == "0":
         print("warning: --precision bf16 on a CPU without bf16 matrix instructions (AMX / AVX512-BF16) runs up to "
               "~100x slower than fp32", file=sys.stderr, flush=True)
@@ -766,6 +767,12 @@ def resolve(parser, args, world_size):
         zero["stage"] = args.zero_stage
     plan["zero_stage"] = zero.setdefault("stage", 0)
     config.setdefault("gradient_clipping", 1.0)  # DeepSpeed's default
+    if precision == "fp16" and plan["zero_stage"] > 0 and config["gradient_clipping"] > 0:
+        # Measured (0.19.7, 0.19.8): ZeRO 1-3 clip by the norm of the gradients still multiplied by
+        # the GradScaler's scale (DeepSpeed divides by its own loss scale, 1 under torch_autocast), so
+        # every update shrinks ~65536x and the loss does not move.
+        fail("--precision fp16 with gradient clipping trains nothing at ZeRO 1-3 in DeepSpeed 0.19 (its clipping "
+             "ignores torch_autocast's loss scale): use --precision bf16, --zero_stage 0, or --grad_clip 0")
 
     # Monitors write next to the checkpoints unless ds_config names a folder
     for monitor in ("tensorboard", "csv_monitor", "wandb"):
