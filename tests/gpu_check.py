@@ -1,7 +1,7 @@
 """The GPU check of train_ds.py's mixed precision (issue 12), for a machine with one CUDA GPU:
 
     python tests/gpu_check.py --out /tmp/gpu_check            # one CUDA GPU (time not yet measured)
-    python tests/gpu_check.py --device cpu --out /tmp/dry      # dry run, tiny models: ~2 min idle, 6.5 min on busy 2 cores
+    python tests/gpu_check.py --device cpu --out /tmp/dry      # dry run, tiny models (6.5 min on 2 busy cores)
 
 1. train_ds.py, 20 steps, bf16 (torch_autocast), ZeRO-1 and ZeRO-3, msclip-s-b16 and clip-b16 on the
    built-in data: the loss must be finite and fall (mean of the last 5 steps below the first 5);
