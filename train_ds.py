@@ -1107,6 +1107,9 @@ def main(argv=None):
                                                                       plan["min_lr_ratio"]))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     loss_fn = msclip.ContrastiveLoss(gather_with_grad=True, local_loss=args.local_loss)
+    if plan["precision"] != "fp32" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
+        raise SystemExit(f"--precision {plan['precision']} needs DeepSpeed's torch_autocast with ZeRO (0.17.2 or "
+                         f"later); DeepSpeed {deepspeed.__version__} would train in fp32")
 
     # Resume
     step, micro_batches, stream_start, skipped_total = 0, 0, {}, {}
