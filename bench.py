@@ -6,6 +6,8 @@ How fast msclip trains, and what it costs in memory. A script, like nanoGPT's be
     python bench.py --mode textlen                           # text at caption length vs padded to 77 tokens
     python bench.py --mode tokenizer --captions caps.txt     # captions/s (built-in captions without a file)
     python bench.py --mode zero                              # ZeRO 0/1/2/3 on 1 and 2 CPU ranks: memory per rank
+    python bench.py --mode data --preset msclip-s-b32 --batch-size 16   # data pipeline: samples/s per
+                                        # worker on JPEG shards; train_ds.py end to end vs the bare step
     python bench.py --device cuda --precision bf16 --preset msclip-s-b16 --batch-size max
 
 A training step is forward (both towers) + contrastive loss + backward + AdamW step, on one fixed
@@ -509,6 +511,96 @@ def bench_tokenizer(args):
 # ZeRO: one launch per (ranks, stage), each rank reports its peak memory and step time
 # ----------------------------------------------------------------------------------------------
 
+def write_photo_shards(folder, shards, per_shard, seed=0):
+    """img2dataset-style shards of JPEGs (quality 90) 256-512 px a side: smoothed noise under a few
+    filled shapes, so that the bytes and the decode cost are a photo's rather than a flat render's."""
+    import io
+    import random
+    import tarfile
+    from PIL import Image, ImageDraw, ImageFilter
+    import data
+    rng = random.Random(seed)
+    noise = torch.Generator().manual_seed(seed)
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for j in range(per_shard):
+                w, h = rng.randint(256, 512), rng.randint(256, 512)
+                pixels = torch.randint(0, 256, (h // 4, w // 4, 3), generator=noise, dtype=torch.uint8).numpy()
+                image = Image.fromarray(pixels).resize((w, h), Image.BILINEAR).filter(ImageFilter.GaussianBlur(2))
+                draw = ImageDraw.Draw(image)
+                for _ in range(rng.randint(1, 4)):
+                    r = rng.uniform(0.1, 0.3) * min(w, h)
+                    colour = tuple(rng.randrange(256) for _ in range(3))
+                    data.draw_shape(draw, rng.choice(data.SHAPES), rng.uniform(r, w - r), rng.uniform(r, h - r), r,
+                                    rng.uniform(-0.3, 0.3), colour, (0, 0, 0))
+                encoded = io.BytesIO()
+                image.save(encoded, format="JPEG", quality=90)
+                for name, payload in ((f"{s:05d}{j:04d}.jpg", encoded.getvalue()),
+                                      (f"{s:05d}{j:04d}.txt", CAPTIONS[(s + j) % len(CAPTIONS)].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return str(folder / ("{00000..%05d}.tar" % (shards - 1)))
+
+
+def bench_data(args, device):
+    """The data pipeline on JPEG shards: samples/s of one DataLoader worker (read, decode, random
+    resized crop to the preset's size, uint8, tokenize), then train_ds.py end to end on the same
+    shards against the bare training step of the same preset and batch."""
+    import itertools
+    import data
+    config = msclip.MSCLIPConfig(**msclip.PRESETS[args.preset])
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = write_photo_shards(Path(tmp), args.data_shards, args.data_per_shard)
+        total = args.data_shards * args.data_per_shard
+        megabytes = sum(f.stat().st_size for f in Path(tmp).glob("*.tar")) / 2 ** 20
+        print(f"{total} JPEGs (256-512 px, {megabytes / total * 1024:.0f} KiB each) in {args.data_shards} shards")
+        cpu_device = torch.device("cpu")
+        msclip.default_tokenizer()
+        reset_peak_memory(cpu_device)
+        base = current_memory(cpu_device)
+        stream = data.ShardStream(data.expand_shards(spec), config.image_size, shuffle_buffer=total)
+        list(itertools.islice(iter(stream), 16))                     # warm: tokenizer, PIL plugins
+        threads, rates = torch.get_num_threads(), []
+        torch.set_num_threads(1)                                     # as in a DataLoader worker
+        for _ in range(3):
+            wall, cpu = time.perf_counter(), time.process_time()
+            count = sum(1 for _ in itertools.islice(iter(stream), total))
+            rates.append((count / (time.perf_counter() - wall), count / (time.process_time() - cpu)))
+        torch.set_num_threads(threads)
+        per_worker = max(r for r, _ in rates)
+        per_cpu_second = statistics.median(c for _, c in rates)
+        streaming = peak_memory(cpu_device) - base
+        print(f"streaming with all {total} samples in the shuffle buffer ({megabytes:.1f} MiB of JPEG bytes): "
+              f"peak RSS {streaming / 2 ** 20:.1f} MiB above the process before")
+        print(f"one worker, {config.image_size} px: {per_worker:.0f} samples/s wall (best of 3), "
+              f"{per_cpu_second:.0f} per CPU-second")
+        batch = args.batch_size
+        torch.manual_seed(0)
+        trainer = Trainer(msclip.create_model(args.preset), args, device)
+        model_batch = make_batch(trainer.model.config, batch, device)
+        (times,), _ = time_steps([trainer], [model_batch], args.warmup, args.steps)
+        bare = batch / statistics.median(times)
+        del trainer
+        gc.collect()
+        out = Path(tmp) / "train"
+        steps = args.warmup + args.steps
+        command = [sys.executable, str(Path(__file__).with_name("train_ds.py")), "--preset", args.preset,
+                   "--train_data", spec, "--batch_size", str(batch), "--steps", str(steps), "--log_every",
+                   str(args.warmup), "--eval_every", "-1", "--save_every", "0", "--zero_stage", "0", "--precision",
+                   args.precision, "--workers", str(args.data_workers), "--lr", "1e-4", "--out_dir", str(out)]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+        entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        end_to_end = statistics.mean(e["pairs_per_s"] for e in entries[1:])  # after the warm-up window
+    print(f"{args.preset}, batch {batch}, {args.precision}: bare step {bare:.2f} pairs/s (median of {args.steps}); "
+          f"train_ds.py with {args.data_workers} worker(s) {end_to_end:.2f} pairs/s ({end_to_end / bare:.0%}); "
+          f"workers needed to feed the bare step: {bare / per_cpu_second:.2f} (at a worker's CPU-second rate)")
+    return {"mode": "data", "preset": args.preset, "image_size": config.image_size, "batch_size": batch,
+            "samples_per_s_per_worker": per_worker, "samples_per_cpu_second": per_cpu_second, "rates": rates, "bare_pairs_per_s": bare,
+            "train_ds_pairs_per_s": end_to_end, "workers": args.data_workers, "jpeg_kib": megabytes / total * 1024,
+            "streaming_peak_rss_above_base": streaming}
+
+
 def zero_model_state_bytes(params, stage, world):
     """fp32 AdamW model states per rank (ZeRO paper): weights 4, gradients 4, two moments 8 bytes
     per parameter; stage 1 partitions the moments, 2 also the gradients, 3 also the weights."""
@@ -598,7 +690,7 @@ def zero_worker(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="train", choices=["train", "textlen", "tokenizer", "zero", "zero-worker"])
+    p.add_argument("--mode", default="train", choices=["train", "textlen", "tokenizer", "zero", "zero-worker", "data"])
     p.add_argument("--preset", default="msclip-s-b32", choices=list(msclip.PRESETS))
     p.add_argument("--compare", action="store_true", help="time clip-b32 and msclip-s-b32 and print their ratio")
     p.add_argument("--presets", nargs=2, default=["clip-b32", "msclip-s-b32"], help="what --compare compares")
@@ -616,6 +708,9 @@ def parse_args(argv=None):
     p.add_argument("--zero-ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--zero-stages", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--zero-stage", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--data-shards", type=int, default=4, help="data mode: JPEG shards written")
+    p.add_argument("--data-per-shard", type=int, default=64, help="data mode: JPEGs per shard")
+    p.add_argument("--data-workers", type=int, default=1, help="data mode: DataLoader workers of the train_ds.py run")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -647,6 +742,8 @@ def main(argv=None):
         result = bench_zero(args)
     elif args.mode == "textlen":
         result = bench_textlen(args, device)
+    elif args.mode == "data":
+        result = bench_data(args, device)
     else:
         result = (bench_compare if args.compare else bench_train)(args, device, matmul_rate(args, device))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

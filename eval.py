@@ -14,7 +14,7 @@
     # retrieval from a CSV/TSV with a header: filepath<TAB>caption, one row per caption
     python eval.py --checkpoint ckpt.pth --dataset /data/flickr30k/test.tsv --task retrieval
 
-    # the trainer's procedural data, held-out split (train_ds.py)
+    # the built-in procedural shapes data, held-out split (data.py, what train_ds.py trains on by default)
     python eval.py --checkpoint runs/x/final.pt --dataset synthetic-colour --dataset synthetic-shape
 
 Protocol (ARCHITECTURE.md §11): the official eval transform (bicubic resize of the shorter side,
@@ -32,7 +32,7 @@ Datasets (--dataset, repeatable):
   FILE.csv / FILE.tsv (the evaluated split), or DIR with train.csv, test.csv, ...
         a header names the columns: image (filepath/path/image/file), label (label/class/target)
         or caption (caption/title/text); without a known header: path, label-or-caption
-  synthetic-shape, synthetic-colour                                  train_ds.py's held-out split
+  synthetic-shape, synthetic-colour                                  data.py's held-out shapes split
 Class names and templates: --classnames/--templates files, else --dataset-name (the bundled
 assets/zeroshot_prompts.json), else the dataset's own (classnames.txt, folder names, CSV labels),
 with the 80 ImageNet templates when the dataset has none.
@@ -45,7 +45,6 @@ import json
 import os
 import re
 import sys
-import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,12 +52,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+import data
 import msclip
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
-WDS_IMAGE_KEYS = ("webp", "png", "jpg", "jpeg", "0.webp")
 SYNTHETIC = {"synthetic-shape": "shape", "synthetic-colour": "colour", "synthetic-color": "colour"}
 TASKS = ("zeroshot", "linear-probe", "retrieval")
 # Other spellings of the bundled prompt lists' names (assets/README.md, CLIP_benchmark names).
@@ -370,6 +367,35 @@ def zeroshot_classifier(model, classnames, templates, device="cpu", precision="f
     return F.normalize(sums / counts[:, None], dim=-1)
 
 
+@torch.no_grad()
+def zero_shot_heldout(model, image_size, seed=0, samples=512, batch=128, device="cpu"):
+    """The trainer's built-in check: zero-shot accuracy {task: fraction} on `samples` new renders of
+    data.py's held-out split, classified with data.heldout_prompts() through the eval transform."""
+    was_training = model.training
+    model.eval()
+    renders = data.SyntheticCaptions("heldout", length=samples, image_size=image_size, seed=seed)
+    transform = msclip.ImageTransform(image_size)
+    classifiers = {}
+    for task, (names, templates) in data.heldout_prompts().items():
+        rows = []
+        for name in names:
+            tokens = msclip.trim_padding(msclip.tokenize([t.format(name) for t in templates]))
+            features = model.encode_text(tokens.to(device))
+            rows.append(F.normalize(features.float().mean(0), dim=-1))
+        classifiers[task] = torch.stack(rows)
+    correct = {task: 0 for task in classifiers}
+    dtype = next(model.parameters()).dtype
+    for start in range(0, samples, batch):
+        drawn = [renders.render(i) for i in range(start, min(samples, start + batch))]
+        images = torch.stack([transform(r[0]) for r in drawn]).to(device, dtype)
+        features = model.encode_image(images).float()
+        for task, column in (("shape", 2), ("colour", 3)):
+            predicted = (features @ classifiers[task].T).argmax(-1).tolist()
+            correct[task] += sum(int(p) == r[column] for p, r in zip(predicted, drawn))
+    model.train(was_training)
+    return {task: n / samples for task, n in correct.items()}
+
+
 def _collate(batch):
     return batch
 
@@ -404,107 +430,6 @@ def encode_images(model, dataset, device="cpu", precision="fp32", batch_size=64,
             "labels": torch.tensor(labels, dtype=torch.long) if all(l is not None for l in labels) else None,
             "captions": captions if all(c is not None for c in captions) else None,
             "skipped": len(skipped), "skipped_examples": skipped[:10]}
-
-
-def _read_image(source, transform, meta):
-    """transform(PIL image) or None with meta['error'] set: undecodable images are skipped, not fatal."""
-    try:
-        with Image.open(source) as image:
-            return transform(image)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        meta["error"] = f"{type(e).__name__}: {e}"
-        return None
-
-
-class ImageRecords(torch.utils.data.Dataset):
-    """Images read from files: records are dicts with "path" and "label" and/or "captions"."""
-
-    def __init__(self, records, transform):
-        self.records, self.transform = records, transform
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, index):
-        record = self.records[index]
-        meta = {"id": str(record["path"]), "label": record.get("label"), "captions": record.get("captions")}
-        return _read_image(record["path"], self.transform, meta), meta
-
-
-class TarShards(torch.utils.data.IterableDataset):
-    """CLIP_benchmark's WebDataset shards read with tarfile: consecutive members sharing a key
-    (the file name up to its first dot) form a sample; .webp/.png/.jpg image, .cls label, .txt captions."""
-
-    def __init__(self, shards, transform, kind):
-        super().__init__()
-        self.shards, self.transform, self.kind = shards, transform, kind
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        shards = self.shards if info is None else self.shards[info.id::info.num_workers]
-        for shard in shards:
-            for key, entries in self._samples(shard):
-                yield self._decode(f"{shard.name}:{key}", entries)
-
-    @staticmethod
-    def _samples(shard):
-        key, entries = None, {}
-        try:
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    folder, _, base = member.name.rpartition("/")
-                    stem, dot, ext = base.partition(".")
-                    if not dot:
-                        continue
-                    this = f"{folder}/{stem}" if folder else stem
-                    if this != key or ext.lower() in entries:
-                        if entries:
-                            yield key, entries
-                        key, entries = this, {}
-                    entries[ext.lower()] = tar.extractfile(member).read()
-        except tarfile.TarError as e:
-            raise EvalError(f"{shard} is not a readable tar file: {e}") from e
-        if entries:
-            yield key, entries
-
-    def _decode(self, sample_id, entries):
-        meta = {"id": sample_id, "label": None, "captions": None}
-        data = next((entries[k] for k in WDS_IMAGE_KEYS if k in entries), None)
-        if data is None:
-            meta["error"] = f"no image among {sorted(entries)}"
-            return None, meta
-        if self.kind == "retrieval":
-            if "txt" not in entries:
-                meta["error"] = "no .txt captions"
-                return None, meta
-            meta["captions"] = [c.strip() for c in entries["txt"].decode("utf-8").splitlines() if c.strip()]
-        else:
-            if "cls" not in entries:
-                meta["error"] = "no .cls label"
-                return None, meta
-            try:
-                meta["label"] = int(entries["cls"].decode("utf-8").strip())
-            except ValueError:
-                meta["error"] = f".cls is not an integer: {entries['cls'][:20]!r}"
-                return None, meta
-        return _read_image(io.BytesIO(data), self.transform, meta), meta
-
-
-class SyntheticImages(torch.utils.data.Dataset):
-    """train_ds.SyntheticCaptions rendered through the eval transform; label = shape or colour."""
-
-    def __init__(self, dataset, attribute, transform):
-        self.dataset, self.attribute, self.transform = dataset, attribute, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        image, caption, shape, colour = self.dataset.render(index)
-        label = shape if self.attribute == "shape" else colour
-        return self.transform(image), {"id": str(index), "label": label, "captions": [caption]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -582,9 +507,9 @@ def open_folder(root, splits, name):
         label_names = classes
         records[split] = []
         for label, cls in enumerate(classes):
-            files = sorted(p for p in (folder / cls).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            files = sorted(p for p in (folder / cls).rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES and p.is_file())
             if not files:
-                raise EvalError(f"class folder {folder / cls} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                raise EvalError(f"class folder {folder / cls} holds no image files ({', '.join(data.IMAGE_SUFFIXES)}); "
                                 "remove it or add images")
             records[split] += [{"path": str(f), "label": label} for f in files]
     return EvalDataset(name, "folder", str(root), splits, label_names=label_names, records=records,
@@ -673,22 +598,17 @@ def open_wds(root, splits, name):
 
 
 def open_synthetic(spec, size=None, image_size=64):
-    """train_ds.py's procedural dataset: 'heldout' is evaluated, 'train' serves the linear probe."""
-    try:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import train_ds
-    except ImportError as e:
-        raise EvalError(f"--dataset {spec} needs train_ds.py next to eval.py: {e}") from e
+    """data.py's procedural shapes: 'heldout' is evaluated, 'train' serves the linear probe."""
     attribute = SYNTHETIC[spec]
-    classnames, templates = train_ds.heldout_prompts()[attribute]
+    classnames, templates = data.heldout_prompts()[attribute]
     kwargs = {"image_size": image_size}
     if size:
         kwargs["length"] = size
 
-    splits = {"heldout": lambda: train_ds.SyntheticCaptions("heldout", **kwargs),
-              "train": lambda: train_ds.SyntheticCaptions("train", **kwargs)}
+    splits = {"heldout": lambda: data.SyntheticCaptions("heldout", **kwargs),
+              "train": lambda: data.SyntheticCaptions("train", **kwargs)}
     return EvalDataset(spec, "synthetic", spec, splits, classnames=list(classnames), templates=list(templates),
-                       classnames_source="train_ds.heldout_prompts()", templates_source="train_ds.heldout_prompts()",
+                       classnames_source="data.heldout_prompts()", templates_source="data.heldout_prompts()",
                        attribute=attribute, settings=kwargs)
 
 
@@ -750,13 +670,13 @@ def split_images(dataset, split, transform):
     if dataset.kind in ("folder", "csv"):
         records = dataset.records[stored]
         fingerprint = [(r["path"], r.get("label"), r.get("captions")) for r in records]
-        return stored, ImageRecords(records, transform), fingerprint
+        return stored, data.ImageFiles(records, transform), fingerprint
     if dataset.kind == "wds":
         shards = dataset.splits[stored]
         fingerprint = [(str(s.resolve()), s.stat().st_size, s.stat().st_mtime_ns) for s in shards] + [dataset.wds_kind]
-        return stored, TarShards(shards, transform, dataset.wds_kind), fingerprint
+        return stored, data.BenchmarkShards([str(s) for s in shards], transform, dataset.wds_kind), fingerprint
     synthetic = dataset.splits[stored]()
-    return stored, SyntheticImages(synthetic, dataset.attribute, transform), [dataset.settings, stored, len(synthetic)]
+    return stored, data.SyntheticImages(synthetic, dataset.attribute, transform), [dataset.settings, stored, len(synthetic)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -564,13 +564,41 @@ def clean_text(text):
     return regex.sub(r"\s+", " ", text).strip().lower()
 
 
+class LRUCache(OrderedDict):
+    """A dict that keeps its `capacity` most recently used entries (picklable, unlike functools.lru_cache)."""
+
+    def __init__(self, capacity):
+        super().__init__()
+        self.capacity = capacity
+
+    def __reduce__(self):
+        return type(self), (self.capacity,), None, None, iter(self.items())
+
+    def lookup(self, key):
+        value = self.get(key)
+        if value is not None:
+            self.move_to_end(key)
+        return value
+
+    def store(self, key, value):
+        self[key] = value
+        if len(self) > self.capacity:
+            self.popitem(last=False)
+        return value
+
+
 class Tokenizer:
-    """The CLIP byte-pair encoder (merges = lines 1..48,894 of bpe_simple_vocab_16e6.txt.gz)."""
+    """The CLIP byte-pair encoder (merges = lines 1..48,894 of bpe_simple_vocab_16e6.txt.gz).
+
+    Words and whole texts are cached, each cache bounded (LRU): over billions of web captions an
+    unbounded cache grows without limit. The capacities change memory and speed, never the ids."""
+
+    specials = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
 
     pattern = regex.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
                             regex.IGNORECASE)
 
-    def __init__(self, bpe_path=None):
+    def __init__(self, bpe_path=None, word_cache_size=1 << 16, text_cache_size=1 << 17):
         path = Path(bpe_path) if bpe_path else ASSETS / "bpe_simple_vocab_16e6.txt.gz"
         if not path.exists():
             raise FileNotFoundError(f"BPE merges not found at {path}: set MSCLIP_ASSETS or pass bpe_path")
@@ -583,12 +611,12 @@ class Tokenizer:
         self.encoder = {token: i for i, token in enumerate(vocab)}
         self.decoder = {i: token for token, i in self.encoder.items()}
         self.merge_rank = {m: i for i, m in enumerate(merges)}
-        self.word_cache = {"<|startoftext|>": "<|startoftext|>", "<|endoftext|>": "<|endoftext|>"}
-        self.text_cache = {}  # captions and prompts repeat; a plain dict keeps the tokenizer picklable
+        self.word_cache, self.text_cache = LRUCache(word_cache_size), LRUCache(text_cache_size)
 
     def bpe(self, word):
-        if word in self.word_cache:
-            return self.word_cache[word]
+        cached = self.specials.get(word) or self.word_cache.lookup(word)
+        if cached is not None:
+            return cached
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
             pairs = {(a, b) for a, b in zip(parts, parts[1:])}
@@ -604,21 +632,18 @@ class Tokenizer:
                     merged.append(parts[i])
                     i += 1
             parts = merged
-        self.word_cache[word] = result = " ".join(parts)
-        return result
+        return self.word_cache.store(word, " ".join(parts))
 
     def encode(self, text):
         """Token ids of `text` without SOT/EOT, as a tuple."""
-        if text in self.text_cache:
-            return self.text_cache[text]
+        cached = self.text_cache.lookup(text)
+        if cached is not None:
+            return cached
         ids = []
         for word in self.pattern.findall(clean_text(text)):
             word = "".join(self.byte_to_char[b] for b in word.encode("utf-8"))
             ids.extend(self.encoder[piece] for piece in self.bpe(word).split(" "))
-        if len(self.text_cache) >= 1 << 17:
-            self.text_cache.clear()
-        self.text_cache[text] = ids = tuple(ids)
-        return ids
+        return self.text_cache.store(text, tuple(ids))
 
     def decode(self, ids):
         text = "".join(self.decoder[int(i)] for i in ids)
@@ -674,14 +699,19 @@ class ImageTransform:
         self.inv_std = 1 / (np.asarray(std, dtype=np.float32) * 255)
 
     def __call__(self, image, rng=None):
+        array = (self.pixels(image, rng).astype(np.float32) - self.mean) * self.inv_std
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+    def pixels(self, image, rng=None):
+        """The cropped and resized 8-bit image, uint8 [size, size, 3], before normalisation (data
+        loaders ship this: a quarter of fp32's bytes)."""
         image = image.convert("RGB")
         if self.train:
             box = self._random_crop_box(image.size, rng or random.Random())
             image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
         else:
             image = self._center_crop(self._resize_shorter(image))
-        array = (np.asarray(image, dtype=np.float32) - self.mean) * self.inv_std
-        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+        return np.asarray(image)
 
     def batch(self, images, rng=None):
         return torch.stack([self(image, rng) for image in images])

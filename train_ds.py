@@ -27,7 +27,6 @@ monitors); every value the trainer sets there can be overridden from the command
 """
 import argparse
 import contextlib
-import glob
 import io
 import json
 import math
@@ -37,466 +36,15 @@ import re
 import shutil
 import socket
 import sys
-import tarfile
 import time
 import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
+import data
 import msclip
-
-# ----------------------------------------------------------------------------------------------
-# Built-in data: procedurally drawn shapes with captions in varied wording
-# ----------------------------------------------------------------------------------------------
-
-SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "crescent", "arrow"]
-COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"]
-
-RGB = {"red": (215, 35, 35), "orange": (245, 135, 20), "yellow": (240, 215, 25), "green": (35, 160, 55),
-       "blue": (35, 75, 215), "purple": (135, 45, 175), "pink": (250, 135, 195), "brown": (125, 75, 35)}
-BACKGROUNDS = {"white": (246, 246, 246), "light grey": (200, 200, 200), "dark grey": (72, 72, 72),
-               "black": (14, 14, 14), "cream": (242, 232, 208)}
-# Caption vocabulary. Words the zero-shot templates use (photo, picture, thing, ...) never occur here.
-SHAPE_WORDS = {"circle": ["circle", "circle", "circle", "disc"], "square": ["square"],
-               "triangle": ["triangle"], "star": ["star", "star", "star", "five-pointed star"],
-               "cross": ["cross", "cross", "cross", "plus sign"], "heart": ["heart"],
-               "crescent": ["crescent", "crescent", "crescent", "crescent moon"], "arrow": ["arrow"]}
-COLOUR_WORDS = {"red": ["red", "red", "red", "scarlet"], "orange": ["orange"], "yellow": ["yellow", "yellow", "yellow", "golden"],
-                "green": ["green", "green", "green", "emerald"], "blue": ["blue", "blue", "blue", "navy"],
-                "purple": ["purple", "purple", "purple", "violet"], "pink": ["pink"],
-                "brown": ["brown", "brown", "brown", "chocolate"]}
-COUNT_WORDS = {1: ["a", "one", "a single"], 2: ["two", "a pair of"], 3: ["three"]}
-SIZE_WORDS = {"small": ["small", "tiny", "little"], "medium": ["", "", "medium-sized"], "large": ["large", "big"]}
-WHERE_WORDS = {"top": "near the top", "bottom": "near the bottom", "left": "on the left", "right": "on the right",
-               "centre": "in the middle"}
-# Captions mention the shape always and the other attributes only sometimes, as alt-text does:
-# when every caption names colour, background, size and position, those easy attributes tell the
-# pairs of a batch apart and the model never learns shape (see caption()).
-MENTION = {"colour": 0.5, "size": 0.1, "background": 0.1, "where": 0.1}
-COLOUR_AFTER = ["{np} painted {colour}", "{np}, all {colour}", "{colour}: {np}", "{np} in {colour}"]
-WITH_BACKGROUND = ["{np} on a {bg} background", "a {bg} backdrop with {np}", "{np} on {bg}"]
-WITH_WHERE = ["{np} {where}", "{where}, {np}"]
-PLURAL = {"cross": "crosses", "plus sign": "plus signs"}
-
-
-def plural(word):
-    return PLURAL.get(word, word + "s")
-
-
-def polygon_points(shape, cx, cy, r, angle):
-    """Outline of `shape` centred at (cx, cy) with radius r, rotated by `angle` radians."""
-    def star(n, inner):
-        return [((1 if k % 2 == 0 else inner), math.pi / 2 + k * math.pi / n) for k in range(2 * n)]
-
-    polar = {
-        "square": [(1.0, math.pi / 4 + k * math.pi / 2) for k in range(4)],
-        "triangle": [(1.0, math.pi / 2 + k * 2 * math.pi / 3) for k in range(3)],
-        "star": star(5, 0.42),
-    }
-    if shape in polar:
-        pts = [(rho * r * math.cos(t), -rho * r * math.sin(t)) for rho, t in polar[shape]]
-    elif shape == "cross":
-        a, b = 0.33 * r, r
-        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
-    elif shape == "arrow":
-        pts = [(-r, -0.25 * r), (0.1 * r, -0.25 * r), (0.1 * r, -0.7 * r), (r, 0), (0.1 * r, 0.7 * r), (0.1 * r, 0.25 * r),
-               (-r, 0.25 * r)]
-    elif shape == "heart":
-        pts = []
-        for k in range(40):
-            t = 2 * math.pi * k / 40
-            x, y = 16 * math.sin(t) ** 3, 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
-            pts.append((x * r / 16, -(y + 2.5) * r / 16))
-    else:
-        raise ValueError(shape)
-    cos, sin = math.cos(angle), math.sin(angle)
-    return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in pts]
-
-
-def draw_shape(draw, shape, cx, cy, r, angle, fill, background):
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "crescent":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        dx, dy = 0.55 * r * math.cos(angle), 0.55 * r * math.sin(angle)
-        draw.ellipse([cx + dx - 0.85 * r, cy + dy - 0.85 * r, cx + dx + 0.85 * r, cy + dy + 0.85 * r], fill=background)
-    else:
-        draw.polygon(polygon_points(shape, cx, cy, r, angle), fill=fill)
-
-
-class SyntheticCaptions(torch.utils.data.Dataset):
-    """Procedural image-caption pairs: 1-3 shapes of one kind and one colour on a plain or noisy
-    background, captioned in varied wording (synonyms, word order, size, count, position).
-
-    Sample `index` has shape SHAPES[index % S] and colour COLOURS[(index // S) % C]; everything else
-    (size, count, positions, rotation, background, colour jitter, caption wording) is drawn from a
-    random.Random seeded by (seed, split, index), so a render never depends on worker state. The
-    "heldout" split draws from other seeds: new renders of the same classes. Training
-    augmentation (random resized crop) is drawn from (seed, epoch, index): index the dataset with
-    an (epoch, index) pair to get a given epoch's augmentation; a plain int means epoch 0.
-    """
-
-    def __init__(self, split="train", length=len(SHAPES) * len(COLOURS) * 1000, image_size=64, seed=0, train=None):
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-        self.split, self.length, self.image_size, self.seed = split, length, image_size, seed
-        self.train = split == "train" if train is None else train
-        self.transform = msclip.ImageTransform(image_size, train=self.train)
-
-    counts = [1, 1, 1, 1, 1, 1, 1, 2, 2, 3]
-    sizes = ["small", "medium", "medium", "large", "large"]
-
-    def __len__(self):
-        return self.length
-
-    def labels(self, index):
-        """(shape label, colour label) of sample `index` without rendering it."""
-        return index % len(SHAPES), (index // len(SHAPES)) % len(COLOURS)
-
-    def render(self, index):
-        """(PIL image at twice the model's size, caption, shape label, colour label).
-
-        The layout (background, texture, count, size, positions, rotation, caption form) comes from
-        the sample's variant, index // (shapes x colours): the 64 samples of a variant differ only
-        in shape and colour (hard negatives for each other, see minimal_pair_batches). The colour
-        jitter and the synonyms come from the index itself."""
-        shape_label, colour_label = self.labels(index)
-        shape, colour = SHAPES[shape_label], COLOURS[colour_label]
-        variant = index // (len(SHAPES) * len(COLOURS))
-        rng = random.Random(f"msclip-shapes/{self.seed}/{self.split}/{variant}")
-        own = random.Random(f"msclip-shapes/{self.seed}/{self.split}/{variant}/{index}")
-        side = 2 * self.image_size
-        bg_name = rng.choice(list(BACKGROUNDS))
-        bg = tuple(min(255, max(0, v + rng.randint(-10, 10))) for v in BACKGROUNDS[bg_name])
-        image = Image.new("RGB", (side, side), bg)
-        draw = ImageDraw.Draw(image)
-        if rng.random() < 0.3:  # faint texture: lines of a slightly different grey
-            for _ in range(rng.randint(3, 8)):
-                shift = rng.choice((-28, 28))
-                tone = tuple(min(255, max(0, v + shift)) for v in bg)
-                draw.line([(rng.uniform(0, side), rng.uniform(0, side)), (rng.uniform(0, side), rng.uniform(0, side))],
-                          fill=tone, width=rng.randint(1, 3))
-        count = rng.choice(self.counts)
-        size = rng.choice(self.sizes if count == 1 else ["small", "medium"] if count == 2 else ["small"])
-        radius = {"small": (0.12, 0.17), "medium": (0.19, 0.25), "large": (0.28, 0.36)}[size]
-        fill = tuple(min(255, max(0, v + own.randint(-18, 18))) for v in RGB[colour])
-        centres = []
-        for _ in range(count):
-            r = rng.uniform(*radius) * side
-            for _attempt in range(20):  # keep shapes apart when there are several
-                cx, cy = rng.uniform(r, side - r), rng.uniform(r, side - r)
-                if all(math.hypot(cx - x, cy - y) > r + q for x, y, q in centres):
-                    break
-            centres.append((cx, cy, r))
-            turn = rng.uniform(-0.3, 0.3)
-            draw_shape(draw, shape, cx, cy, r, turn if shape != "crescent" else turn * 10, fill, bg)
-        if count == 1:
-            cx, cy, _ = centres[0]
-            dx, dy = cx / side - 0.5, cy / side - 0.5
-            where = "centre" if max(abs(dx), abs(dy)) < 0.12 else \
-                ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("top" if dy < 0 else "bottom")
-            where = WHERE_WORDS[where]
-        else:
-            where = rng.choice(["scattered around", "side by side", "spread out"])
-        caption = self.caption(rng, own, shape, colour, count, size, where, bg_name)
-        return image, caption, shape_label, colour_label
-
-    @staticmethod
-    def caption(rng, own, shape, colour, count, size, where, background):
-        """A caption naming the count and shape, and colour, size, background and position only
-        sometimes (MENTION), in varied word order. Layout choices come from `rng`, synonyms from `own`."""
-        said = {part: rng.random() < p for part, p in MENTION.items()}
-        shape_word = own.choice(SHAPE_WORDS[shape])
-        colour_word = own.choice(COLOUR_WORDS[colour])
-        colour_first = rng.random() < 0.6
-        words = [rng.choice(COUNT_WORDS[count]), rng.choice(SIZE_WORDS[size]) if said["size"] else "",
-                 colour_word if said["colour"] and colour_first else "", shape_word if count == 1 else plural(shape_word)]
-        text = " ".join(w for w in words if w)
-        if said["colour"] and not colour_first:
-            text = rng.choice(COLOUR_AFTER).format(np=text, colour=colour_word)
-        if said["background"]:
-            text = rng.choice(WITH_BACKGROUND).format(np=text, bg=background)
-        if said["where"]:
-            text = rng.choice(WITH_WHERE).format(np=text, where=where)
-        return re.sub(r"\ba (?=[aeiou])", "an ", text)
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        image, caption, _, _ = self.render(index)
-        rng = random.Random(f"msclip-shapes-aug/{self.seed}/{self.split}/{epoch}/{index}")
-        return self.transform(image, rng), msclip.tokenize(caption)[0]
-
-
-def heldout_prompts():
-    """Zero-shot prompts for the held-out split: (class names, templates) per task. No template
-    word except articles and prepositions occurs in a training caption."""
-    shape_templates = ["a photo of a {}.", "a picture of the {}.", "an illustration of a {}.", "a rendering of a {}.",
-                       "clip art of a {}."]
-    colour_templates = ["a photo of something {}.", "a picture of a {} object.", "an illustration of a {} thing.",
-                        "a rendering of a {} item.", "clip art of a {} figure."]
-    return {"shape": (list(SHAPES), shape_templates), "colour": (list(COLOURS), colour_templates)}
-
-
-def epoch_batches(num_samples, batch, seed, epoch):
-    """One epoch's global micro-batches (lists of dataset indices): a permutation drawn from
-    (seed, epoch) only, cut into batches (the last partial one dropped)."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(num_samples, generator=generator).tolist()
-    return [order[i: i + batch] for i in range(0, num_samples - batch + 1, batch)]
-
-
-def minimal_pair_batches(num_samples, batch, seed, epoch, group_shapes=4, group_colours=2):
-    """One epoch's global micro-batches for SyntheticCaptions, a function of (seed, epoch) only.
-
-    Each batch is made of groups of group_shapes x group_colours samples of one variant: same
-    background, layout, size, count and caption wording, differing only in shape and colour.
-    Within a group, a sample's same-colour partners can only be told apart by shape, so shape
-    matters from the first step (with random batches colour alone separates most pairs and the
-    model never learns shape). The epoch visits every sample once.
-    """
-    shapes, colours = len(SHAPES), len(COLOURS)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    groups = []
-    for variant in range(num_samples // (shapes * colours)):
-        first = variant * shapes * colours
-        shape_order = torch.randperm(shapes, generator=generator).tolist()
-        colour_order = torch.randperm(colours, generator=generator).tolist()
-        for a in range(0, shapes - group_shapes + 1, group_shapes):
-            for b in range(0, colours - group_colours + 1, group_colours):
-                groups.append([first + c * shapes + s for c in colour_order[b: b + group_colours]
-                               for s in shape_order[a: a + group_shapes]])
-    order = torch.randperm(len(groups), generator=generator).tolist()
-    per_batch = batch // (group_shapes * group_colours)
-    return [[i for g in order[j: j + per_batch] for i in groups[g]] for j in range(0, len(order) - per_batch + 1, per_batch)]
-
-
-@torch.no_grad()
-def zero_shot_heldout(model, image_size, seed=0, samples=512, batch=128, device="cpu"):
-    """Zero-shot accuracy {task: fraction} on new renders, classified with heldout_prompts()."""
-    was_training = model.training
-    model.eval()
-    data = SyntheticCaptions("heldout", length=samples, image_size=image_size, seed=seed)
-    classifiers = {}
-    for task, (names, templates) in heldout_prompts().items():
-        rows = []
-        for name in names:
-            tokens = msclip.trim_padding(msclip.tokenize([t.format(name) for t in templates]))
-            features = model.encode_text(tokens.to(device))
-            rows.append(F.normalize(features.float().mean(0), dim=-1))
-        classifiers[task] = torch.stack(rows)
-    correct = {task: 0 for task in classifiers}
-    dtype = next(model.parameters()).dtype
-    for start in range(0, samples, batch):
-        renders = [data.render(i) for i in range(start, min(samples, start + batch))]
-        images = torch.stack([data.transform(r[0]) for r in renders]).to(device, dtype)
-        features = model.encode_image(images).float()
-        for task, column in (("shape", 2), ("colour", 3)):
-            predicted = (features @ classifiers[task].T).argmax(-1).tolist()
-            correct[task] += sum(int(p) == r[column] for p, r in zip(predicted, renders))
-    model.train(was_training)
-    return {task: n / samples for task, n in correct.items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# Real data: CSV/TSV files (image path + caption) and WebDataset tar shards (img2dataset)
-# ----------------------------------------------------------------------------------------------
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-
-
-class SkippedSample(Exception):
-    def __init__(self, reason, where):
-        super().__init__(f"{reason}: {where}")
-        self.reason, self.where = reason, where
-
-
-def read_image(source, where):
-    """An RGB PIL image from a path or bytes; SkippedSample('missing' / 'corrupt') when it cannot be read."""
-    try:
-        with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise SkippedSample("missing", where) from None
-    except Exception:  # truncated or garbage bytes, unknown format, decompression bomb, ...
-        raise SkippedSample("corrupt", where) from None
-
-
-def clean_caption(caption, where):
-    caption = (caption or "").strip()
-    if not caption:
-        raise SkippedSample("empty_caption", where)
-    return caption
-
-
-class CsvCaptions(torch.utils.data.Dataset):
-    """Rows of a CSV/TSV file: image path (relative to the file's folder or absolute) + caption.
-
-    Column names and separator follow OpenCLIP's options. A row whose image is missing or corrupt,
-    or whose caption is empty, is replaced by the next readable row (so every rank keeps its batch
-    size) and reported in the sample's `skipped` list. Augmentation is drawn from (seed, epoch, index).
-    """
-
-    def __init__(self, path, image_size=224, seed=0, separator="\t", img_key="filepath", caption_key="title"):
-        import csv
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            columns = reader.fieldnames or []
-            if img_key not in columns or caption_key not in columns:
-                raise ValueError(f"{path}: no column {img_key!r} and {caption_key!r} with separator {separator!r} "
-                                 f"(found {columns}); set --csv_img_key, --csv_caption_key, --csv_separator")
-            rows = [(row[img_key], row[caption_key]) for row in reader]
-        if not rows:
-            raise ValueError(f"{path}: no rows")
-        root = os.path.dirname(os.path.abspath(path))
-        self.paths = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows]
-        self.captions = [c for _, c in rows]
-        self.seed = seed
-        self.transform = msclip.ImageTransform(image_size, train=True)
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        skipped = []
-        for attempt in range(min(len(self), 1000)):
-            row = (index + attempt) % len(self)
-            try:
-                caption = clean_caption(self.captions[row], self.paths[row])
-                image = read_image(self.paths[row], self.paths[row])
-            except SkippedSample as e:
-                skipped.append((e.reason, e.where))
-                continue
-            rng = random.Random(f"msclip-csv-aug/{self.seed}/{epoch}/{index}")
-            return self.transform(image, rng), msclip.tokenize(caption)[0], skipped
-        raise RuntimeError(f"{len(skipped)} rows in a row from row {index} are unreadable ({skipped[:3]} ...): check the data")
-
-
-def expand_shards(spec):
-    """'dir/{00000..01023}.tar' (zero-padded ranges), '{a,b}' alternatives, globs, '::'-separated lists."""
-    def expand(pattern):
-        match = re.search(r"\{([^{}]*)\}", pattern)
-        if not match:
-            return sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
-        numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-        if numeric:
-            first, last = numeric.groups()
-            items = [str(i).zfill(len(first)) for i in range(int(first), int(last) + 1)]
-        else:
-            items = body.split(",")
-        return [shard for item in items for shard in expand(head + item + tail)]
-    return [shard for part in spec.split("::") for shard in expand(part)]
-
-
-class TarShards(torch.utils.data.IterableDataset):
-    """WebDataset shards as img2dataset writes them (KEY.jpg/png/webp + KEY.txt), streamed.
-
-    Every epoch shuffles the shard list from (seed, epoch); rank r takes every world-th shard and
-    DataLoader worker w every workers-th of those, so no sample is read twice in an epoch. Samples
-    are shuffled in a buffer that restarts with each shard (seeded from (seed, epoch, shard)), so
-    a stream resumes exactly at the start of a shard: `start` maps worker id -> (epoch, shard
-    ordinal) to begin at (shard granularity). The stream cycles through epochs forever; the
-    trainer decides how many batches it takes. Unreadable samples are skipped and reported with
-    the next good sample. Each item: (image, tokens, skipped, (worker, epoch, ordinal)), where
-    (epoch, ordinal) is the shard a resumed stream starts with once this sample is consumed.
-    """
-
-    def __init__(self, shards, image_size=224, seed=0, rank=0, world_size=1, start=None, shuffle_buffer=256):
-        self.shards, self.seed, self.rank, self.world_size = list(shards), seed, rank, world_size
-        self.start, self.shuffle_buffer = dict(start or {}), shuffle_buffer
-        self.transform = msclip.ImageTransform(image_size, train=True)
-
-    def plan(self, epoch, worker, workers):
-        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        return [self.shards[i] for i in order.tolist()][self.rank:: self.world_size][worker:: workers]
-
-    def read_shard(self, shard):
-        """(key, {extension: bytes}) per sample; a damaged tar ends the shard early."""
-        key, files = None, {}
-        try:
-            with tarfile.open(shard, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    folder, name = os.path.split(member.name)
-                    stem, _, extension = name.partition(".")
-                    if os.path.join(folder, stem) != key:
-                        if key is not None:
-                            yield key, files
-                        key, files = os.path.join(folder, stem), {}
-                    files[extension.lower()] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            yield None, {"error": f"{shard}: {e}"}
-            return
-        if key is not None:
-            yield key, files
-
-    def decode(self, shard, key, files, rng):
-        where = f"{shard}:{key}"
-        if "error" in files:
-            raise SkippedSample("corrupt", files["error"])
-        extension = next((e for e in IMAGE_EXTENSIONS if e in files), None)
-        if extension is None or "txt" not in files:
-            raise SkippedSample("missing", where)
-        caption = clean_caption(files["txt"].decode("utf-8", errors="replace"), where)
-        return self.transform(read_image(files[extension], where), rng), msclip.tokenize(caption)[0]
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        # A worker without a saved position (more workers than when saved) starts the oldest saved epoch.
-        epoch, ordinal = self.start.get(worker) or ((min(e for e, _ in self.start.values()), 0) if self.start else (0, 0))
-        skipped = []
-        while True:
-            mine = self.plan(epoch, worker, workers)
-            if not mine:
-                return
-            for k in range(ordinal, len(mine)):
-                rng = random.Random(f"msclip-wds/{self.seed}/{epoch}/{mine[k]}")
-                buffer = []
-                for key, files in self.read_shard(mine[k]):
-                    try:
-                        buffer.append(self.decode(mine[k], key, files, rng))
-                    except SkippedSample as e:
-                        skipped.append((e.reason, e.where))
-                        continue
-                    if len(buffer) >= self.shuffle_buffer:
-                        image, tokens = buffer.pop(rng.randrange(len(buffer)))
-                        yield image, tokens, skipped, (worker, epoch, k)
-                        skipped = []
-                while buffer:  # after the shard's last sample the stream resumes at the next shard
-                    image, tokens = buffer.pop(rng.randrange(len(buffer)))
-                    yield image, tokens, skipped, (worker, epoch, k + (not buffer))
-                    skipped = []
-            epoch, ordinal = epoch + 1, 0
-
-
-def collate(samples):
-    """Stack images, stack token ids and trim them to the batch's longest caption (on the host),
-    and gather the skipped-sample reports and stream positions."""
-    images = torch.stack([s[0] for s in samples])
-    tokens = msclip.trim_padding(torch.stack([s[1] for s in samples]))
-    skipped = [item for s in samples if len(s) > 2 for item in s[2]]
-    positions = [s[3] for s in samples if len(s) > 3]
-    return images, tokens, skipped, positions
-
-
-def map_style_batches(make_epoch, start, rank, micro):
-    """This rank's slices of the global micro-batches make_epoch(epoch) lists, from micro-batch
-    number `start` on, forever; keys are (epoch, index) so that augmentation follows the epoch."""
-    epoch = 0
-    while True:
-        batches = make_epoch(epoch)
-        if not batches:
-            raise ValueError("the dataset holds less than one global micro-batch")
-        for batch in batches[start:]:
-            yield [(epoch, i) for i in batch[rank * micro: (rank + 1) * micro]]
-        start = max(0, start - len(batches))
-        epoch += 1
+from eval import zero_shot_heldout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,12 +87,16 @@ def build_parser():
     a("--csv_img_key", default="filepath", help="image-path column")
     a("--csv_caption_key", default="title", help="caption column")
     a("--train_samples", type=int, help="samples per epoch of WebDataset shards (needed with --epochs)")
-    a("--synthetic_samples", type=int, default=len(SHAPES) * len(COLOURS) * 1000, help="size of the built-in data")
+    a("--synthetic_samples", type=int, default=len(data.SHAPES) * len(data.COLOURS) * 1000,
+      help="size of the built-in data")
     a("--hard_negatives", default="none", metavar="SxC",
       help="built-in data: batches made of groups of S shapes x C colours drawn with the same layout and "
            "wording, so that pairs differ only in shape or colour ('none': uniformly random batches)")
     a("--workers", type=int, help="DataLoader workers per rank (default: 1 on CPU, 4 on GPU)")
-    a("--shuffle_buffer", type=int, default=256, help="WebDataset in-shard shuffle buffer")
+    a("--shuffle_buffer", type=int, default=5000, help="WebDataset: undecoded samples in each DataLoader worker's "
+                                                        "shuffle buffer, which spans shard boundaries (OpenCLIP: 5000)")
+    a("--interleave_shards", type=int, default=8, help="WebDataset: shards each worker reads at once, drawing samples "
+                                                       "from them at random (a resume re-reads at most these)")
 
     a = p.add_argument_group("optimisation (unset values come from ds_config.json)").add_argument
     a("--steps", type=int, help=f"optimizer steps in all (default: --epochs, or {DEMO_STEPS} on the built-in data)")
@@ -677,14 +229,18 @@ def resolve(parser, args, world_size):
         fail(f"--train_data {args.train_data}: no such file")
     shards = []
     if kind == "webdataset":
-        shards = expand_shards(args.train_data)
+        shards = data.expand_shards(args.train_data)
         missing = [s for s in shards if not os.path.isfile(s)]
-        if not shards or missing:
+        if not shards:
+            fail(f"--train_data {args.train_data}: the pattern matches no file")
+        if missing:
             fail(f"--train_data {args.train_data}: {len(missing)} of {len(shards)} shards not found "
                  f"(first: {(missing or [args.train_data])[0]})")
         if len(shards) < world_size:
             fail(f"{len(shards)} WebDataset shards cannot be split over {world_size} ranks without duplication: "
                  "use more shards or fewer ranks")
+        if args.shuffle_buffer < 1 or args.interleave_shards < 1:
+            fail("--shuffle_buffer and --interleave_shards must be >= 1")
         if args.steps is None and args.train_samples is None:
             fail("WebDataset shards have no known length: give --train_samples (samples per epoch) or --steps")
     plan.update(kind=kind, shards=shards)
@@ -707,10 +263,10 @@ def resolve(parser, args, world_size):
     if kind == "synthetic" and args.hard_negatives not in ("none", "0", ""):
         match = re.fullmatch(r"(\d+)x(\d+)", args.hard_negatives)
         shapes, colours = map(int, match.groups()) if match else (0, 0)
-        if not (shapes and colours and len(SHAPES) % shapes == 0 and len(COLOURS) % colours == 0
+        if not (shapes and colours and len(data.SHAPES) % shapes == 0 and len(data.COLOURS) % colours == 0
                 and (micro * world_size) % (shapes * colours) == 0):
-            fail(f"--hard_negatives {args.hard_negatives}: give SxC with S dividing {len(SHAPES)} shapes, C dividing "
-                 f"{len(COLOURS)} colours and S*C dividing the micro-batch over all ranks ({micro} x {world_size} = "
+            fail(f"--hard_negatives {args.hard_negatives}: give SxC with S dividing {len(data.SHAPES)} shapes, C dividing "
+                 f"{len(data.COLOURS)} colours and S*C dividing the micro-batch over all ranks ({micro} x {world_size} = "
                  f"{micro * world_size}), or 'none'")
         plan["groups"] = (shapes, colours)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
@@ -1058,16 +614,12 @@ def main(argv=None):
                      "or choose another --out_dir")
     # Data (read before DeepSpeed starts, so that a bad file fails fast)
     image_size = plan["model_config"].image_size
-    if plan["kind"] == "synthetic":
-        dataset = SyntheticCaptions("train", length=args.synthetic_samples, image_size=image_size, seed=args.seed)
-    elif plan["kind"] == "csv":
-        try:
-            dataset = CsvCaptions(args.train_data, image_size, args.seed, args.csv_separator, args.csv_img_key,
-                                  args.csv_caption_key)
-        except ValueError as e:
-            parser.error(str(e))
-    else:
-        dataset = None
+    try:
+        dataset = data.open_train_data(plan["kind"], args.train_data, image_size, args.seed, args.synthetic_samples,
+                                       args.csv_separator, args.csv_img_key, args.csv_caption_key, args.shuffle_buffer,
+                                       args.interleave_shards)
+    except ValueError as e:
+        parser.error(str(e))
     eval_sets = open_eval_datasets(parser, args.eval_dataset, plan["model_config"].image_size, args.eval_samples)
     warnings.filterwarnings("ignore", category=FutureWarning)  # ZeRO-3 and all_gather deprecation notices
 
@@ -1133,24 +685,8 @@ def main(argv=None):
     elif args.resume:
         log(f"--resume: no checkpoint in {checkpoint_root(args.out_dir)}, starting from scratch")
 
-    workers = plan["workers"]
-    if plan["kind"] == "webdataset":
-        ranks_shards = len(plan["shards"]) // world_size
-        if workers > ranks_shards:
-            log(f"{len(plan['shards'])} shards over {world_size} ranks: {ranks_shards} DataLoader workers per rank")
-            workers = max(1, ranks_shards)
-        dataset = TarShards(plan["shards"], image_size, args.seed, rank, world_size, stream_start, args.shuffle_buffer)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=plan["micro"], num_workers=workers, collate_fn=collate,
-                                             pin_memory=cuda, prefetch_factor=4 if workers else None,
-                                             persistent_workers=False)
-    else:
-        if plan["groups"]:
-            make_epoch = lambda e: minimal_pair_batches(len(dataset), global_micro, args.seed, e, *plan["groups"])  # noqa: E731
-        else:
-            make_epoch = lambda e: epoch_batches(len(dataset), global_micro, args.seed, e)  # noqa: E731
-        batches = map_style_batches(make_epoch, micro_batches, rank, plan["micro"])
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                                             pin_memory=cuda, prefetch_factor=4 if workers else None)
+    loader = data.train_loader(dataset, plan["micro"], rank, world_size, plan["workers"], args.seed, micro_batches,
+                               stream_start, plan["groups"], pin_memory=cuda, log=log)
 
     os.makedirs(args.out_dir, exist_ok=True)
     metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
@@ -1206,8 +742,9 @@ def main(argv=None):
                     examples.setdefault(reason, where)
                 for worker, epoch, ordinal in positions:
                     stream_position[worker] = (epoch, ordinal)
-                images = images.to(device, non_blocking=True)  # fp32: torch_autocast casts inside the model
-                tokens = msclip.trim_padding(tokens).to(device, non_blocking=True)  # on the host: no device read
+                # uint8 from the workers, normalised in fp32 on the device: torch_autocast casts inside the model
+                images = data.normalize_images(images, device, torch.float32)
+                tokens = tokens.to(device, non_blocking=True)  # trimmed on the host by data.collate
                 image_features, text_features, logit_scale = engine(images, tokens)
                 loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
                 engine.backward(loss)  # averages the gradients over ranks at the last micro-batch
@@ -1273,7 +810,7 @@ def main(argv=None):
         if accuracy:
             record({"step": step, "zero_shot": accuracy, "time": time.time() - started})
             result["zero_shot"] = accuracy
-            chance = 1 / len(SHAPES), 1 / len(COLOURS)
+            chance = 1 / len(data.SHAPES), 1 / len(data.COLOURS)
             log(f"held-out zero-shot accuracy ({args.eval_samples} new renders): colour {accuracy['colour']:.1%} "
                 f"(chance {chance[1]:.1%}), shape {accuracy['shape']:.1%} (chance {chance[0]:.1%})")
             for name, top1 in accuracy.items():

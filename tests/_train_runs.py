@@ -8,7 +8,8 @@ SPEC.json: {"result": PATH, "runs": [RUN, ...]}. A RUN is {"name", "argv"} (a tr
 its per-step metrics are read back from its --out_dir; with "count_host_reads": true, also every
 read of a tensor value to the host, see counting_host_reads) or {"name", "reference": {...}}: the same
 training re-computed in plain PyTorch, one process holding the global batch, without DeepSpeed and
-without train_ds's loop (only its data definition: SyntheticCaptions and epoch_batches). Rank 0
+without train_ds's loop (only data.py's definition of the data: SyntheticCaptions, minimal_pair_batches,
+normalize_images). Rank 0
 writes {name: result} to PATH.
 """
 import json
@@ -22,6 +23,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import msclip  # noqa: E402
 import train_ds  # noqa: E402
 
@@ -44,18 +46,18 @@ def reference(o):
         return end + (1 - end) * (1 + math.cos(math.pi * t)) / 2
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    data = train_ds.SyntheticCaptions("train", length=o["samples"], image_size=model.config.image_size, seed=o["seed"])
+    shapes = data.SyntheticCaptions("train", length=o["samples"], image_size=model.config.image_size, seed=o["seed"])
     groups = tuple(int(v) for v in o["hard_negatives"].split("x"))
     order = ((epoch, batch) for epoch in range(1000)
-             for batch in train_ds.minimal_pair_batches(len(data), o["global_micro"], o["seed"], epoch, *groups))
+             for batch in data.minimal_pair_batches(len(shapes), o["global_micro"], o["seed"], epoch, *groups))
     loss_fn = msclip.ContrastiveLoss()
     losses, scales, norms = [], [], []
     for _ in range(steps):
         total = 0.0
         for _ in range(o["accum"]):
             epoch, batch = next(order)
-            samples = [data[(epoch, i)] for i in batch]
-            images = torch.stack([s[0] for s in samples])
+            samples = [shapes[(epoch, i)] for i in batch]
+            images = data.normalize_images(torch.stack([s[0] for s in samples]))
             tokens = torch.stack([s[1] for s in samples])
             loss = loss_fn(*model(images, tokens))
             (loss / o["accum"]).backward()

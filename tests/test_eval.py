@@ -2,7 +2,7 @@
 classifier, the three dataset layouts (image folder, CSV/TSV, CLIP_benchmark WebDataset), the linear
 probe (separable data; raw-pixel features against a plain gradient-descent logistic regression),
 the feature cache, malformed inputs, and an end-to-end run: a tiny model trained briefly on
-train_ds.py's data classifies the held-out colours above chance."""
+data.py's shapes data classifies the held-out colours above chance."""
 import csv
 import io
 import json
@@ -572,17 +572,17 @@ def test_wrong_kind_of_checkpoint_is_a_clear_error(folder, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# End to end: train briefly on train_ds.py's data, evaluate its held-out split
+# End to end: train briefly on data.py's shapes, evaluate its held-out split
 # ---------------------------------------------------------------------------------------------
 
 def test_trained_tiny_model_beats_chance_on_heldout_colours(tmp_path):
-    train_ds = pytest.importorskip("train_ds")
+    import data
     torch.manual_seed(0)
     model = msclip.create_model("msclip-tiny", layers=2)
     model.logit_scale.data.fill_(math.log(1 / 0.07))     # CLIP's temperature: learns faster than e
-    data = train_ds.SyntheticCaptions("train", length=1024, image_size=64, seed=0)
-    items = [data[i] for i in range(len(data))]
-    images, tokens = torch.stack([x for x, _ in items]), torch.stack([t for _, t in items])
+    shapes = data.SyntheticCaptions("train", length=1024, image_size=64, seed=0)
+    items = [shapes[i] for i in range(len(shapes))]
+    images, tokens = data.normalize_images(torch.stack([x for x, _ in items])), torch.stack([t for _, t in items])
     optimizer = model.configure_optimizers(lr=1e-3, weight_decay=0.05)
     loss_fn = msclip.ContrastiveLoss()
     generator = torch.Generator().manual_seed(0)
@@ -600,12 +600,11 @@ def test_trained_tiny_model_beats_chance_on_heldout_colours(tmp_path):
     result = run_main(tmp_path, "--checkpoint", tmp_path / "trained.pt", "--dataset", "synthetic-colour",
                       "--dataset", "synthetic-shape", "--synthetic-size", 512)
     colour, shape = result["datasets"]
-    chance = 100 / len(train_ds.COLOURS)
-    assert colour["num_classes"] == len(train_ds.COLOURS) and colour["zeroshot"]["n_test"] == 512
+    chance = 100 / len(data.COLOURS)
+    assert colour["num_classes"] == len(data.COLOURS) and colour["zeroshot"]["n_test"] == 512
     assert colour["zeroshot"]["top1"] > 2 * chance, colour["zeroshot"]
-    assert shape["num_classes"] == len(train_ds.SHAPES) and "top1" in shape["zeroshot"]
+    assert shape["num_classes"] == len(data.SHAPES) and "top1" in shape["zeroshot"]
     assert result["average"]["zeroshot"]["top1"] == pytest.approx((colour["zeroshot"]["top1"] + shape["zeroshot"]["top1"]) / 2)
     # the trainer's own held-out check sees the same renders with the same prompts
-    if hasattr(train_ds, "zero_shot_heldout"):
-        own = train_ds.zero_shot_heldout(model, 64, samples=512)
-        assert abs(colour["zeroshot"]["top1"] - 100 * own["colour"]) <= 100 / 512 + 1e-9
+    own = ev.zero_shot_heldout(model, 64, samples=512)
+    assert abs(colour["zeroshot"]["top1"] - 100 * own["colour"]) <= 100 / 512 + 1e-9

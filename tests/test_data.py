@@ -1,0 +1,308 @@
+"""Tests of data.py, the one image-text pipeline of train_ds.py and eval.py: the built-in shapes data,
+CSV rows, the WebDataset training stream (cross-shard shuffling, exactly-once epochs over ranks and
+workers, exact resume, bad shards), uint8 transport against msclip.ImageTransform's float path,
+high-bit-depth images, and the tokenizer's bounded caches. In-process, no DeepSpeed."""
+import io
+import itertools
+import pickle
+import random
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import msclip
+from test_train_ds import write_csv, write_shards
+
+
+def test_synthetic_contract():
+    assert len(data.SHAPES) >= 6 and len(data.COLOURS) >= 8
+    shapes = data.SyntheticCaptions("train", length=128, image_size=64, seed=0)
+    image, caption, shape, colour = shapes.render(77)
+    assert isinstance(image, Image.Image) and isinstance(caption, str) and caption
+    assert data.SHAPES[shape] in caption or any(w in caption for w in data.SHAPE_WORDS[data.SHAPES[shape]])
+    again = data.SyntheticCaptions("train", length=128, image_size=64, seed=0).render(77)
+    assert again[1:] == (caption, shape, colour) and again[0].tobytes() == image.tobytes()
+    other = data.SyntheticCaptions("heldout", length=128, image_size=64, seed=0).render(77)
+    assert other[0].tobytes() != image.tobytes() and other[2:] == (shape, colour)  # new render, same classes
+    x, tokens = shapes[77]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
+    assert tokens.shape == (77,) and tokens.dtype == torch.long
+    assert torch.equal(tokens, msclip.tokenize(caption)[0])
+    assert torch.equal(shapes[(3, 77)][0], shapes[(3, 77)][0]) and not torch.equal(shapes[(3, 77)][0], shapes[(4, 77)][0])
+
+
+def test_synthetic_variety():
+    shapes = data.SyntheticCaptions("train", seed=0)
+    renders = [shapes.render(i * 65) for i in range(640)]  # 640 variants, every (shape, colour)
+    captions = {r[1] for r in renders}
+    assert len(captions) > 400
+    assert {(r[2], r[3]) for r in renders} == {(s, c) for s in range(len(data.SHAPES)) for c in range(len(data.COLOURS))}
+    words = " ".join(captions).split()
+    for word in ("two", "three", "small", "large", "background", "scarlet", "disc", "painted", "near"):
+        assert word in words or any(word in c for c in captions), word
+
+
+def test_heldout_prompt_wording_not_in_training_captions():
+    prompts = data.heldout_prompts()
+    assert prompts["shape"][0] == data.SHAPES and prompts["colour"][0] == data.COLOURS
+    shapes = data.SyntheticCaptions("train", seed=0)
+    vocabulary = {w.strip(",:") for i in range(4000) for w in shapes.render(i * 17)[1].split()}
+    function_words = {"a", "an", "the", "of", "in", "on", "with"}
+    for names, templates in prompts.values():
+        for template in templates:
+            assert "{}" in template
+            words = {w.strip(".,") for w in template.replace("{}", " ").split()} - function_words
+            assert words and not words & vocabulary, (template, words & vocabulary)
+
+
+def test_epoch_batches():
+    batches = data.epoch_batches(640, 32, 0, 0)
+    assert len(batches) == 20 and sorted(i for b in batches for i in b) == list(range(640))
+    assert batches == data.epoch_batches(640, 32, 0, 0) and batches != data.epoch_batches(640, 32, 0, 1)
+
+
+def test_minimal_pair_batches():
+    """Groups of 4 shapes x 2 colours of one variant: same layout and wording, only shape/colour differ."""
+    shapes = data.SyntheticCaptions("train", length=640)
+    batches = data.minimal_pair_batches(640, 32, 0, 0, 4, 2)
+    assert len(batches) == 20 and sorted(i for b in batches for i in b) == list(range(640))
+    assert batches == data.minimal_pair_batches(640, 32, 0, 0, 4, 2) != data.minimal_pair_batches(640, 32, 0, 1, 4, 2)
+    for batch in batches:
+        for g in range(0, 32, 8):
+            group = batch[g: g + 8]
+            assert len({i // 64 for i in group}) == 1
+            labels = [shapes.labels(i) for i in group]
+            assert len({s for s, _ in labels}) == 4 and len({c for _, c in labels}) == 2 and len(set(labels)) == 8
+            renders = [shapes.render(i) for i in group]
+            varying = {w for words in list(data.SHAPE_WORDS.values()) + list(data.COLOUR_WORDS.values())
+                       for phrase in words for w in phrase.split() + data.plural(phrase).split()}
+            strip = lambda r: [{"an": "a"}.get(w, w) for w in r[1].split() if w.strip(",:") not in varying]  # noqa: E731
+            assert len({tuple(strip(r)) for r in renders}) == 1, [r[1] for r in renders]
+
+
+def test_map_style_batches_rank_slices_and_resume():
+    make = lambda e: data.epoch_batches(640, 32, 0, e)  # noqa: E731
+    batches = make(0)
+    slices = [next(data.map_style_batches(make, 0, r, 16)) for r in range(2)]
+    assert [i for _, i in slices[0] + slices[1]] == batches[0]  # rank slices: disjoint, complete, in rank order
+    stream = data.map_style_batches(make, 0, 0, 32)
+    expected = [next(stream) for _ in range(26)][-1]  # micro-batch 25 = epoch 1, batch 5
+    assert next(data.map_style_batches(make, 25, 0, 32)) == expected and expected[0][0] == 1
+
+
+def test_expand_shards():
+    assert data.expand_shards("d/{008..011}.tar") == ["d/008.tar", "d/009.tar", "d/010.tar", "d/011.tar"]
+    assert data.expand_shards("a/{x,y}-{0..1}.tar::b.tar") == ["a/x-0.tar", "a/x-1.tar", "a/y-0.tar", "a/y-1.tar",
+                                                              "b.tar"]
+
+
+def test_csv_bad_rows_replaced(tmp_path):
+    path = write_csv(tmp_path)
+    rows = data.CsvCaptions(str(path), image_size=64, seed=0, separator="\t", img_key="filepath",
+                          caption_key="caption")
+    image, tokens, skipped = rows[(0, 5)]
+    assert skipped == [("missing", str(tmp_path / "images" / "005.png"))]
+    assert torch.equal(tokens, rows[(0, 6)][1])  # row 5 is replaced by row 6
+    assert rows[(0, 21)][2][0][0] == "empty_caption" and rows[(0, 13)][2][0][0] == "corrupt"
+    with pytest.raises(ValueError, match="csv_caption_key"):
+        data.CsvCaptions(str(path), caption_key="title")
+
+
+
+
+# ----------------------------------------------------------------------------------------------
+# WebDataset training stream
+# ----------------------------------------------------------------------------------------------
+
+def write_tagged_shards(folder, shards=16, per_shard=64, side=8):
+    """Tiny PNGs whose captions name their shard and sample: 'shard 3 sample 17'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in range(shards):
+        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
+            for j in range(per_shard):
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, format="PNG")
+                for name, payload in ((f"{s:03d}{j:04d}.png", buffer.getvalue()),
+                                      (f"{s:03d}{j:04d}.txt", f"shard {s} sample {j}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    return [str(folder / f"{s:05d}.tar") for s in range(shards)]
+
+
+def caption_of(tokens):
+    """'shard 3 sample 17' back from token ids (the BPE splits numbers into digits: 'shard 3 sample 1 7')."""
+    text = msclip.default_tokenizer().decode(tokens[1:(tokens == msclip.EOT).nonzero()[0, 0]])
+    shard, sample = text.replace("shard", "").split("sample")
+    return f"shard {int(shard.replace(' ', ''))} sample {int(sample.replace(' ', ''))}"
+
+
+def shards_of(tokens):
+    return {int(caption_of(t).split()[1]) for t in tokens}
+
+
+def test_webdataset_batches_mix_shards(tmp_path):
+    """16 shards of 64 samples, 2 DataLoader workers, default buffer and interleaving: every batch of
+    64 draws from at least 8 shards (the old in-shard buffer gave batches from one or two)."""
+    shards = write_tagged_shards(tmp_path)
+    stream = data.open_train_data("webdataset", str(tmp_path / "{00000..00015}.tar"), image_size=8)
+    loader = data.train_loader(stream, micro=64, rank=0, world_size=1, workers=2)
+    batches = list(itertools.islice(loader, 16))  # one epoch
+    assert all(len(shards_of(tokens)) >= 8 for _, tokens, _, _ in batches), [len(shards_of(b[1])) for b in batches]
+    captions = [caption_of(t) for _, tokens, _, _ in batches for t in tokens]
+    assert len(set(captions)) == len(captions) == len(shards) * 64
+
+
+def test_webdataset_split_over_ranks_and_workers(tmp_path):
+    """Each sample exactly once per epoch over 2 ranks x 2 workers; bad samples skipped and reported."""
+    shards = data.expand_shards(write_shards(tmp_path / "shards", shards=4, per_shard=8, bad=True))
+    assert len(shards) == 5
+
+    def epoch0(rank, world, workers):
+        stream = data.ShardStream(shards, image_size=64, seed=0, shuffle_buffer=4, interleave=2)
+        loader = data.train_loader(stream, 4, rank, world, workers)
+        seen, skipped = [], []
+        for images, tokens, bad, positions in itertools.islice(loader, 40):
+            assert images.shape[1:] == (3, 64, 64) and images.dtype == torch.uint8
+            for j, (_, epoch, _) in enumerate(positions):
+                if epoch == 0:
+                    seen.append(hash(images[j].numpy().tobytes()) ^ hash(tuple(tokens[j][tokens[j] != 0].tolist())))
+                    skipped += bad if j == 0 else []
+        return seen, skipped
+
+    whole, skipped = epoch0(0, 1, 0)
+    assert len(set(whole)) == len(whole) >= 4 * 8 - 3  # the good samples, plus what the truncated shard holds
+    split = [epoch0(rank, 2, 2) for rank in range(2)]
+    parts = split[0][0] + split[1][0]
+    assert sorted(parts) == sorted(whole)  # no sample twice, none lost
+    reasons = sorted(r for r, _ in skipped)
+    assert reasons.count("corrupt") == 2 and reasons.count("missing") == 1 and reasons.count("empty_caption") == 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_webdataset_resume_gives_the_same_stream(tmp_path, workers):
+    """Stopped after k batches, a loader started from the saved positions (as the trainer saves them:
+    the last consumed position of each worker) continues the uninterrupted stream exactly: inside a
+    group of interleaved shards, at a group boundary, across an epoch boundary."""
+    write_tagged_shards(tmp_path, shards=8, per_shard=6)
+    spec = str(tmp_path / "{00000..00007}.tar")
+    stream = data.open_train_data("webdataset", spec, image_size=8, seed=5, shuffle_buffer=5, interleave=2)
+
+    def batches(start_batch=0, start=None, count=30):
+        loader = data.train_loader(stream, 4, 0, 1, workers, start_micro_batch=start_batch, stream_start=start)
+        return list(itertools.islice(loader, count))
+
+    whole = batches()
+    assert {p[1] for b in whole for p in b[3]} == {0, 1, 2}  # the stream crosses epochs
+    for k in (1, 3, 6, 7, 12, 17):
+        position = {}
+        for _, _, _, positions in whole[:k]:
+            position.update({worker: (epoch, place) for worker, epoch, place in positions})
+        resumed = batches(k, position, 30 - k)
+        assert [caption_of(t) for b in resumed for t in b[1]] == [caption_of(t) for b in whole[k:] for t in b[1]], k
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(resumed, whole[k:]))  # the same augmentation
+
+
+def test_webdataset_start_of_another_layout(tmp_path):
+    """A worker without a saved position (more workers, or another number of ranks, than when saved)
+    starts the oldest saved epoch; (epoch, 0) is the epoch's start."""
+    shards = write_tagged_shards(tmp_path, shards=4, per_shard=4)
+    assert data.ShardStream(shards, start={0: (1, (2, 5))}).start_of(0) == (1, 2, 5)
+    assert data.ShardStream(shards, start={0: (2, (0, 3)), 1: (1, (1, 0))}).start_of(3) == (1, 0, 0)
+    assert data.ShardStream(shards, start={-1: (1, 0)}).start_of(1) == (1, 0, 0)
+    first = next(iter(data.ShardStream(shards, image_size=8, start={-1: (1, 0)})))
+    assert first[3][1] == 1
+
+
+def test_webdataset_without_readable_samples_stops_with_the_shards_named(tmp_path):
+    """One file that is not a tar (the stream used to hang); a long run of bad samples."""
+    (tmp_path / "notatar.tar").write_bytes(b"this is not a tar file" * 100)
+    stream = data.ShardStream([str(tmp_path / "notatar.tar")], image_size=8)
+    with pytest.raises(RuntimeError, match="no readable sample.*notatar.tar"):
+        next(iter(stream))
+    shards = write_tagged_shards(tmp_path / "good", shards=2, per_shard=4)
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        for j in range(30):
+            info = tarfile.TarInfo(f"{j:04d}.jpg")
+            info.size = 7
+            tar.addfile(info, io.BytesIO(b"garbage"))
+    stream = data.ShardStream([str(tmp_path / "bad.tar")] + shards, image_size=8, interleave=1, patience=20)
+    with pytest.raises(RuntimeError, match="20 samples in a row unreadable.*bad.tar"):
+        list(itertools.islice(stream, 100))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixels: uint8 transport, normalisation in the training process, high bit depths
+# ----------------------------------------------------------------------------------------------
+
+def random_photo(rng, size):
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels).filter(__import__("PIL.ImageFilter").ImageFilter.SMOOTH)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_uint8_transport_equals_the_float_transform(train):
+    """normalize_images(PixelTransform(image)) == msclip.ImageTransform(image), bit for bit: the float
+    path normalises the resized 8-bit pixels, so uint8 loses nothing; fp32 and bf16."""
+    rng = np.random.default_rng(1)
+    images = [random_photo(rng, (int(rng.integers(40, 120)), int(rng.integers(40, 120)))) for _ in range(6)]
+    pixels = data.PixelTransform(64, train=train)
+    reference = msclip.ImageTransform(64, train=train)
+    uint8 = torch.stack([pixels(im, random.Random(i)) for i, im in enumerate(images)])
+    floats = torch.stack([reference(im, random.Random(i)) for i, im in enumerate(images)])
+    assert uint8.dtype == torch.uint8 and uint8.element_size() * 4 == floats.element_size()
+    assert torch.equal(data.normalize_images(uint8), floats)
+    assert torch.equal(data.normalize_images(uint8, dtype=torch.bfloat16), floats.to(torch.bfloat16))
+
+
+def test_synthetic_and_csv_items_equal_the_old_float_path(tmp_path):
+    """The built-in data and CSV rows give the renders and augmentations of before, as uint8."""
+    shapes = data.SyntheticCaptions("train", length=128, image_size=64, seed=0)
+    image = shapes.render(77)[0]
+    rng = random.Random("msclip-shapes-aug/0/train/3/77")
+    expected = msclip.ImageTransform(64, train=True)(image, rng)
+    assert torch.equal(data.normalize_images(shapes[(3, 77)][0][None])[0], expected)
+    path = write_csv(tmp_path)
+    rows = data.CsvCaptions(str(path), image_size=64, seed=4, caption_key="caption")
+    expected = msclip.ImageTransform(64, train=True)(Image.open(tmp_path / "images" / "002.png"),
+                                                    random.Random("msclip-csv-aug/4/1/2"))
+    assert torch.equal(data.normalize_images(rows[(1, 2)][0][None])[0], expected)
+
+
+def test_sixteen_bit_images_scale_to_eight_bits(tmp_path):
+    """A 16-bit greyscale PNG (PIL mode I;16) becomes what a naive per-pixel round(v * 255 / 65535)
+    gives; convert('RGB') alone made it almost white."""
+    rng = np.random.default_rng(2)
+    values = rng.integers(0, 65536, (20, 30)).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+    rgb = np.asarray(data.read_image(str(path), "deep.png"))
+    naive = np.array([[round(int(v) * 255 / 65535) for v in row] for row in values], dtype=np.uint8)
+    assert rgb.shape == (20, 30, 3) and all(np.array_equal(rgb[..., c], naive) for c in range(3))
+    assert (rgb == 255).mean() < 0.05
+    with pytest.raises(data.SkippedSample, match="corrupt"):
+        data.read_image(b"\x89PNG garbage", "x")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer caches: bounded, ids unchanged
+# ----------------------------------------------------------------------------------------------
+
+def test_tokenizer_caches_are_bounded_and_ids_unchanged():
+    shapes = data.SyntheticCaptions("train", seed=0)
+    captions = [shapes.render(i * 7)[1] for i in range(300)] + ["<|endoftext|> twice <|startoftext|>"]
+    small = msclip.Tokenizer(word_cache_size=8, text_cache_size=4)
+    uncached = msclip.Tokenizer(word_cache_size=1, text_cache_size=1)
+    expected = torch.cat([msclip.tokenize(c) for c in captions])
+    for _ in range(2):
+        assert torch.equal(small(captions), expected) and torch.equal(uncached(captions), expected)
+        assert len(small.word_cache) <= 8 and len(small.text_cache) <= 4
+    again = pickle.loads(pickle.dumps(small))  # DataLoader workers get a copy
+    assert again.word_cache.capacity == 8 and list(again.word_cache) == list(small.word_cache)
+    assert torch.equal(again(captions), expected)
