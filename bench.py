@@ -654,7 +654,7 @@ def zero_worker(args):
     model = msclip.create_model(args.preset).train()
     params = sum(p.numel() for p in model.parameters())
     # Buckets of 5e7 elements (ds_config.json's); DeepSpeed's default 5e8-element fp32 buckets (2 GB)
-    # would hide the saving of every stage. Clipping off: at stage 0 it fails on the 0-dim logit_scale.
+    # would hide the saving of every stage. Clipping off, as when the README figures were measured.
     buckets = {"reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7, "stage3_prefetch_bucket_size": 5e7,
                "stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 1e8}
     ds_config = {"train_micro_batch_size_per_gpu": int(args.batch_size), "gradient_accumulation_steps": 1,

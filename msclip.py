@@ -377,7 +377,10 @@ class MSCLIP(nn.Module):
         # so the layers both modalities run through are 1..layers-1.
         self.first_shared_depth = 1 if c.early_specialization else 0
         self.layers = nn.ModuleList(ModalitySharedLayer(c) for _ in range(self.first_shared_depth, c.layers))
-        self.logit_scale = nn.Parameter(torch.tensor(1.0))  # official init: temperature e, not 1/0.07
+        # Official init: temperature e, not 1/0.07. Held with shape [1] (DeepSpeed 0.19.8 cannot
+        # broadcast a 0-dim parameter, and its stage-0 clipping fails on one), stored with the
+        # official shape [] in state dicts (see _save_to_state_dict).
+        self.logit_scale = nn.Parameter(torch.ones(1))
         self.grad_checkpointing = False
         self.apply(self._init_weights)
 
@@ -434,7 +437,21 @@ class MSCLIP(nn.Module):
 
     def forward(self, images, tokens):
         """Normalised image and text embeddings and exp(logit_scale), as OpenCLIP returns them."""
-        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp().reshape(())
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The official layout: logit_scale has shape [] (ZeRO-3 leaves an empty partition alone)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "logit_scale"
+        if destination[key].numel() == 1:
+            destination[key] = destination[key].reshape(())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept the official shape [] and the parameter's own [1] (DeepSpeed's fp32 consolidation)."""
+        key = prefix + "logit_scale"
+        if key in state_dict and state_dict[key].numel() == 1:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def configure_optimizers(self, lr, weight_decay, lr_shared=None, weight_decay_shared=None, betas=(0.9, 0.98),
                              eps=1e-6):
@@ -838,6 +855,8 @@ def config_from_official(state_dict):
 def _load_exact(model, state_dict):
     """load_state_dict(strict) with an error naming the first key that does not fit."""
     expected = model.state_dict()
+    if state_dict.get("logit_scale") is not None and tuple(state_dict["logit_scale"].shape) == (1,):
+        state_dict = {**state_dict, "logit_scale": state_dict["logit_scale"].reshape(())}  # DeepSpeed's fp32 export
     for key, tensor in expected.items():
         if key not in state_dict:
             raise ValueError(f"checkpoint does not fit {model.config}: key {key!r} is missing")

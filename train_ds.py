@@ -167,6 +167,21 @@ def cpu_has_bf16():
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def set_precision(config, precision):
+    """bf16 and fp16 through DeepSpeed's torch_autocast: the weights, their gradients and the optimizer's
+    master copy stay fp32 at every ZeRO stage; matmuls and convolutions run in half precision; BatchNorm,
+    LayerNorm (msclip.LayerNorm), softmax and the loss stay fp32. DeepSpeed's bf16/fp16 engines instead
+    cast the parameters, not the buffers, to half precision: BatchNorm then fails (README, Precision).
+    fp16 scales the loss with torch's GradScaler (inside DeepSpeed)."""
+    for mode in ("bf16", "fp16"):
+        config.setdefault(mode, {})["enabled"] = False
+    autocast = config.setdefault("torch_autocast", {})
+    autocast["enabled"] = precision in ("bf16", "fp16")
+    if autocast["enabled"]:
+        autocast["dtype"] = {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    return config
+
+
 def resolve(parser, args, world_size):
     """Check the options and merge them with ds_config.json. Returns (plan dict, DeepSpeed config)
     or exits with a message that says what to change. Runs before DeepSpeed is imported."""
@@ -294,12 +309,12 @@ def resolve(parser, args, world_size):
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if not cuda and precision == "fp16":
-        fail("--precision fp16 needs a GPU (DeepSpeed refuses fp16 on CPU): use fp32")
-    if not cuda and precision == "bf16" and not cpu_has_bf16():
-        fail("--precision bf16: this CPU has no bf16 matrix instructions (AMX / AVX512-BF16), so bf16 runs ~100x "
-             "slower than fp32 here: use fp32")
-    for mode in ("bf16", "fp16"):
-        config.setdefault(mode, {})["enabled"] = precision == mode
+        fail("--precision fp16 is for GPUs (fp16 has no speed on CPUs and needs loss scaling): use fp32, or bf16 "
+             "where the CPU has bf16 units")
+    if not cuda and precision == "bf16" and not cpu_has_bf16() and os.environ.get("RANK", "0") == "0":
+        print("warning: --precision bf16 on a CPU without bf16 matrix instructions (AMX / AVX512-BF16) runs up to "
+              "~100x slower than fp32", file=sys.stderr, flush=True)
+    set_precision(config, precision)
     plan["precision"] = precision
 
     # ZeRO
@@ -307,12 +322,13 @@ def resolve(parser, args, world_size):
     if args.zero_stage is not None:
         zero["stage"] = args.zero_stage
     plan["zero_stage"] = zero.setdefault("stage", 0)
-    plan["own_clipping"] = 0.0
     config.setdefault("gradient_clipping", 1.0)  # DeepSpeed's default
-    if plan["zero_stage"] == 0 and precision == "fp32" and config["gradient_clipping"] > 0:
-        # DeepSpeed 0.19's stage-0 fp32 clipping multiplies every gradient by a [1]-shaped tensor in
-        # place, which fails on the 0-dim logit_scale: the trainer clips (same global norm) itself.
-        plan["own_clipping"], config["gradient_clipping"] = config["gradient_clipping"], 0.0
+    if precision == "fp16" and plan["zero_stage"] > 0 and config["gradient_clipping"] > 0:
+        # Measured (0.19.7, 0.19.8): ZeRO 1-3 clip by the norm of the gradients still multiplied by
+        # the GradScaler's scale (DeepSpeed divides by its own loss scale, 1 under torch_autocast), so
+        # every update shrinks ~65536x and the loss does not move.
+        fail("--precision fp16 with gradient clipping trains nothing at ZeRO 1-3 in DeepSpeed 0.19 (its clipping "
+             "ignores torch_autocast's loss scale): use --precision bf16, --zero_stage 0, or --grad_clip 0")
 
     # Monitors write next to the checkpoints unless ds_config names a folder
     for monitor in ("tensorboard", "csv_monitor", "wandb"):
@@ -381,39 +397,44 @@ def register_orphan_parameters(model):
             deepspeed.zero.register_external_parameter(model, parameter)
 
 
-def clamp_logit_scale(engine, maximum=math.log(100)):
-    """Clamp the logit scale at ln(100) after a step, in the model and in the optimizer's fp32
-    master copy (ZeRO 1-3 and bf16 keep one; clamping only the model's would be undone by the next
-    step). Returns the value."""
+def logit_scale_clamp(engine, maximum=math.log(100)):
+    """A function that clamps the logit scale at ln(100) after a step in every copy the engine
+    keeps: the model's parameter (at ZeRO-3 its gathered copy and this rank's partition) and the
+    optimizer's fp32 master (ZeRO 1-3; at ZeRO-0 under torch_autocast the parameter is the master).
+    Clamping only the model's copy would be undone by the next step. It runs on the device: no
+    value comes back to the host and no collective runs. Build it after load_checkpoint."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
+    param = engine.module.logit_scale
+    zero3 = hasattr(param, "ds_id")
+    # ZeRO-3: a view into this rank's fp32 partition (a copy when the optimizer is offloaded)
+    master = safe_get_local_fp32_param(param) if zero3 else None
+    offloaded = bool(engine.zero_offload_optimizer())
+
+    @torch.no_grad()
+    def clamp():
+        param.data.clamp_(max=maximum)  # ZeRO-3: the gathered copy, or an empty tensor
+        if not zero3:
+            safe_set_full_fp32_param(param, param.data)  # ZeRO 1/2: copies into the local master fragment, if any
+        elif offloaded:
+            param.ds_tensor.clamp_(max=maximum)
+            safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(max=maximum))
+        else:
+            param.ds_tensor.clamp_(max=maximum)
+            master.clamp_(max=maximum)
+    return clamp
+
+
+def logit_scale_value(engine):
+    """The logit scale as the optimizer holds it (its fp32 master where it keeps one), for the log:
+    a collective and a read back to the host, so only at log steps."""
     import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import safe_get_full_fp32_param
     param = engine.module.logit_scale
     master = safe_get_full_fp32_param(param)
     if master is not None:
-        value = float(master)
-    else:
-        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-            value = float(param)
-    if value <= maximum:
-        return value
-    if master is not None:
-        try:
-            safe_set_full_fp32_param(param, master.clamp(max=maximum))
-        except RuntimeError:
-            # ZeRO-3 on a rank whose slice of this parameter is partly or only padding (a 0-dim
-            # parameter over 2 ranks): DeepSpeed's setter reads past the end. Write the real part.
-            optimizer = param._z3_optimizer
-            part, group = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
-            start = part.numel() * optimizer._get_param_partition_rank(param)
-            count = max(0, min(part.numel(), param.ds_numel - start))
-            if count:
-                part.data[:count].copy_(master.flatten()[start:start + count].clamp(max=maximum))
-            if optimizer._swappable_optimizer_subgroup(group):
-                optimizer._optimizer_states_and_gradient_swap_out(group)
-    with deepspeed.zero.GatheredParameters([param], modifier_rank=0, enabled=hasattr(param, "ds_id")):
-        with torch.no_grad():
-            param.clamp_(max=maximum)
-    return maximum
+        return master.item()
+    with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+        return param.item()
 
 
 def gathered(model):
@@ -975,8 +996,10 @@ def main(argv=None):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, steps, plan["warmup_start"],
                                                                       plan["min_lr_ratio"]))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan["precision"], torch.float32)
     loss_fn = msclip.ContrastiveLoss(gather_with_grad=True, local_loss=args.local_loss)
+    if plan["precision"] != "fp32" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
+        raise SystemExit(f"--precision {plan['precision']} needs DeepSpeed's torch_autocast with ZeRO (0.17.2 or "
+                         f"later); DeepSpeed {deepspeed.__version__} would train in fp32")
 
     # Resume
     step, micro_batches, stream_start, skipped_total = 0, 0, {}, {}
@@ -1047,6 +1070,7 @@ def main(argv=None):
                   "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone]}
         return save(engine, args.out_dir, step, client, state_of(), args.keep, control)
 
+    clamp_logit_scale = logit_scale_clamp(engine)  # after load_checkpoint: it holds views of the fp32 master
     iterator = iter(loader)
     try:
         stop = min(steps, args.stop_at) if args.stop_at else steps
@@ -1061,20 +1085,19 @@ def main(argv=None):
                     examples.setdefault(reason, where)
                 for worker, epoch, ordinal in positions:
                     stream_position[worker] = (epoch, ordinal)
-                images = data.normalize_images(images, device, dtype)  # uint8 from the workers
-                tokens = tokens.to(device, non_blocking=True)
+                # uint8 from the workers, normalised in fp32 on the device: torch_autocast casts inside the model
+                images = data.normalize_images(images, device, torch.float32)
+                tokens = tokens.to(device, non_blocking=True)  # trimmed on the host by data.collate
                 image_features, text_features, logit_scale = engine(images, tokens)
                 loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
                 engine.backward(loss)  # averages the gradients over ranks at the last micro-batch
-                if plan["own_clipping"] and engine.is_gradient_accumulation_boundary():
-                    torch.nn.utils.clip_grad_norm_(engine.module.parameters(), plan["own_clipping"])
                 engine.step()
-                window["loss"] += loss.item()
+                window["loss"] = window["loss"] + loss.detach()  # stays on the device until a log step
                 window["n"] += 1
                 micro_batches += 1
             step += 1
             window["steps"] += 1
-            scale = clamp_logit_scale(engine)
+            clamp_logit_scale()
 
             if step % args.log_every == 0 or step == stop:
                 counts = torch.tensor([skipped_since.get(r, 0) for r in ("missing", "corrupt", "empty_caption")],
@@ -1087,7 +1110,8 @@ def main(argv=None):
                 skipped_since = {}
                 elapsed = time.time() - window["time"]
                 pairs_per_s = window["steps"] * plan["global_batch"] / max(elapsed, 1e-9)
-                entry = {"step": step, "loss": window["loss"] / window["n"], "lr": lr, "logit_scale": scale,
+                scale = logit_scale_value(engine)
+                entry = {"step": step, "loss": float(window["loss"]) / window["n"], "lr": lr, "logit_scale": scale,
                          "pairs_per_s": pairs_per_s, "memory_gb": memory_gb(device), "epoch": micro_batches *
                          global_micro / (len(dataset) if plan["kind"] != "webdataset" else
                                          (args.train_samples or float("inf"))),

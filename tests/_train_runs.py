@@ -5,7 +5,8 @@ so that a test pays the launcher's start-up (20-30 s on 2 CPU cores) once for ma
     deepspeed --num_gpus 2 tests/_train_runs.py SPEC.json           # two ranks
 
 SPEC.json: {"result": PATH, "runs": [RUN, ...]}. A RUN is {"name", "argv"} (a train_ds.main call;
-its per-step metrics are read back from its --out_dir) or {"name", "reference": {...}}: the same
+its per-step metrics are read back from its --out_dir; with "count_host_reads": true, also every
+read of a tensor value to the host, see counting_host_reads) or {"name", "reference": {...}}: the same
 training re-computed in plain PyTorch, one process holding the global batch, without DeepSpeed and
 without train_ds's loop (only data.py's definition of the data: SyntheticCaptions, minimal_pair_batches,
 normalize_images). Rank 0
@@ -72,6 +73,49 @@ def reference(o):
     return {"losses": losses, "logit_scales": scales, "grad_norms": norms}
 
 
+HOST_READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__")
+
+
+def counting_host_reads():
+    """Patch the Tensor methods that copy a value to the host (on a GPU: wait for the device) and
+    DeepSpeedEngine.step. Returns (counts, restore): counts maps "engine steps so far|file|function|method"
+    to the number of reads, file relative to the repository or as package/module.py."""
+    import deepspeed.runtime.engine as ds_engine
+    counts, done, saved = {}, [0], {}
+
+    def where(frame):
+        path = os.path.abspath(frame.f_code.co_filename)
+        root = os.path.dirname(HERE)
+        name = os.path.relpath(path, root) if path.startswith(root + os.sep) else os.path.join(
+            *path.split(os.sep)[-2:])
+        return f"{name}|{frame.f_code.co_name}"
+
+    def patch(owner, name, make):
+        saved[(owner, name)] = getattr(owner, name)
+        setattr(owner, name, make(saved[(owner, name)]))
+
+    def reader(method):
+        def make(original):
+            def read(self, *args, **kwargs):
+                key = f"{done[0]}|{where(sys._getframe(1))}|{method}"
+                counts[key] = counts.get(key, 0) + 1
+                return original(self, *args, **kwargs)
+            return read
+        return make
+
+    def stepper(original):
+        def step(self, *args, **kwargs):
+            result = original(self, *args, **kwargs)
+            done[0] += 1
+            return result
+        return step
+
+    for method in HOST_READS:
+        patch(torch.Tensor, method, reader(method))
+    patch(ds_engine.DeepSpeedEngine, "step", stepper)
+    return counts, lambda: [setattr(owner, name, value) for (owner, name), value in saved.items()]
+
+
 def metrics(out_dir):
     steps, evals = [], []
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -91,7 +135,15 @@ def main():
         if "reference" in run:
             results[run["name"]] = reference(run["reference"])
         else:
-            result = train_ds.main(run["argv"])
+            counts, restore = counting_host_reads() if run.get("count_host_reads") else (None, None)
+            try:
+                result = train_ds.main(run["argv"])
+            finally:
+                if restore:
+                    restore()
+            if counts is not None:
+                import deepspeed
+                result.update(host_reads=counts, deepspeed_version=deepspeed.__version__)
             import torch.distributed as dist
             if dist.get_rank() == 0:
                 out_dir = run["argv"][run["argv"].index("--out_dir") + 1]

@@ -144,7 +144,16 @@ def test_bf16_autocast_forward_is_finite():
 
 def test_initialisation_follows_the_spec():
     model = msclip.create_model("msclip-s-b32")
-    assert model.logit_scale.shape == () and model.logit_scale.item() == 1.0
+    assert model.logit_scale.item() == 1.0
+    # the official layout: shape [] in the state dict, in the official export and on load (the
+    # parameter itself has shape [1]: DeepSpeed 0.19.8 cannot broadcast 0-dim parameters)
+    assert model.state_dict()["logit_scale"].shape == () and model.logit_scale.shape == (1,)
+    assert msclip.export_official_state_dict(model)["logit_scale"].shape == ()
+    assert model(torch.zeros(1, 3, 224, 224), msclip.tokenize(["a"]))[2].shape == ()
+    for stored in (torch.tensor(2.5), torch.tensor([2.5])):  # official [], DeepSpeed's fp32 consolidation [1]
+        loaded = msclip.load_checkpoint({"msclip_config": vars(model.config),
+                                         "state_dict": {**model.state_dict(), "logit_scale": stored}})
+        assert loaded.logit_scale.shape == (1,) and loaded.logit_scale.item() == 2.5
     assert 0.9 < model.text.token_embedding.weight.std() < 1.1
     qkv = model.layers[0].shared["attn"].qkv.weight
     bound = math.sqrt(6 / (768 + 3 * 768))                  # xavier-uniform over the packed [3D, D] matrix
