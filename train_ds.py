@@ -37,6 +37,7 @@ import shutil
 import socket
 import sys
 import time
+import types
 import warnings
 
 import numpy as np
@@ -182,10 +183,8 @@ def set_precision(config, precision):
     return config
 
 
-def resolve(parser, args, world_size):
-    """Check the options and merge them with ds_config.json. Returns (plan dict, DeepSpeed config)
-    or exits with a message that says what to change. Runs before DeepSpeed is imported."""
-    fail = parser.error
+def read_ds_config(fail, args):
+    """ds_config.json with the --ds_set KEY=JSON overrides applied."""
     try:
         with open(args.deepspeed_config) as f:
             config = json.load(f)
@@ -202,9 +201,10 @@ def resolve(parser, args, world_size):
         except json.JSONDecodeError:
             pass
         set_path(config, key, value)
-    plan = {}
+    return config
 
-    # Model
+
+def model_plan(fail, args):
     preset = args.preset or DEFAULT_PRESET
     if preset not in msclip.PRESETS:
         fail(f"--preset {preset!r} is unknown; choose one of: {', '.join(msclip.PRESETS)}")
@@ -216,9 +216,10 @@ def resolve(parser, args, world_size):
         model_config = msclip.MSCLIPConfig(**{**msclip.PRESETS[preset], **overrides})
     except (ValueError, TypeError) as e:
         fail(f"model {preset} with {overrides}: {e}")
-    plan.update(preset=preset, overrides=overrides, model_config=model_config)
+    return {"preset": preset, "overrides": overrides, "model_config": model_config}
 
-    # Data
+
+def data_plan(fail, args, world_size):
     kind = args.data_type
     if kind == "auto":
         kind = "synthetic" if not args.train_data else \
@@ -243,9 +244,12 @@ def resolve(parser, args, world_size):
             fail("--shuffle_buffer and --interleave_shards must be >= 1")
         if args.steps is None and args.train_samples is None:
             fail("WebDataset shards have no known length: give --train_samples (samples per epoch) or --steps")
-    plan.update(kind=kind, shards=shards)
+    return {"kind": kind, "shards": shards}
 
-    # Batch: micro-batch per rank x accumulation x ranks = global batch
+
+def batch_plan(fail, args, config, world_size, kind):
+    """Micro-batch per rank x accumulation x ranks = global batch, written into the DeepSpeed config;
+    the hard-negative groups of the built-in data."""
     micro = args.batch_size or config.get("train_micro_batch_size_per_gpu") or 64
     global_batch = args.global_batch_size or config.get("train_batch_size")
     accum = args.grad_accum or (None if global_batch else config.get("gradient_accumulation_steps") or 1)
@@ -259,7 +263,7 @@ def resolve(parser, args, world_size):
         accum = global_batch // (micro * world_size)
     if micro < 1 or accum < 1:
         fail(f"batch_size {micro} and grad_accum {accum} must be >= 1")
-    plan["groups"] = None
+    groups = None
     if kind == "synthetic" and args.hard_negatives not in ("none", "0", ""):
         match = re.fullmatch(r"(\d+)x(\d+)", args.hard_negatives)
         shapes, colours = map(int, match.groups()) if match else (0, 0)
@@ -268,29 +272,30 @@ def resolve(parser, args, world_size):
             fail(f"--hard_negatives {args.hard_negatives}: give SxC with S dividing {len(data.SHAPES)} shapes, C dividing "
                  f"{len(data.COLOURS)} colours and S*C dividing the micro-batch over all ranks ({micro} x {world_size} = "
                  f"{micro * world_size}), or 'none'")
-        plan["groups"] = (shapes, colours)
+        groups = (shapes, colours)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         config.pop(key, None)
     config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum,
                   train_batch_size=micro * accum * world_size)
-    plan.update(micro=micro, accum=accum, global_batch=micro * accum * world_size)
+    return {"micro": micro, "accum": accum, "global_batch": micro * accum * world_size, "groups": groups}
 
-    # Optimizer and schedule: the trainer builds them (MS-CLIP parameter groups, no op compiles)
+
+def optimization_plan(args, config, world_size, kind, global_batch):
+    """AdamW and the schedule (the trainer builds both: MS-CLIP's parameter groups, no op compiles)
+    and the length of the run."""
     opt = (config.pop("optimizer", None) or {}).get("params", {})
     sched = (config.pop("scheduler", None) or {}).get("params", {})
     pick = lambda cli, key, default: cli if cli is not None else opt.get(key, default)  # noqa: E731
     lr = pick(args.lr, "lr", 1e-3)
     lr_shared = pick(args.lr_shared, "lr_shared", lr)
     scale = world_size if args.scale_lr else 1
-    plan.update(lr=lr * scale, lr_shared=lr_shared * scale, wd=pick(args.wd, "weight_decay", 0.05),
+    plan = dict(lr=lr * scale, lr_shared=lr_shared * scale, wd=pick(args.wd, "weight_decay", 0.05),
                 wd_shared=pick(args.wd_shared, "weight_decay_shared", 0.2),
                 betas=tuple(pick(args.betas, "betas", (0.9, 0.98))), eps=pick(args.eps, "eps", 1e-6),
                 warmup_start=sched.get("warmup_min_ratio", 0.01),
                 min_lr_ratio=args.min_lr_ratio if args.min_lr_ratio is not None else sched.get("cos_min_ratio", 0.1))
     if args.grad_clip is not None:
         config["gradient_clipping"] = args.grad_clip
-
-    # Length of the run
     if args.steps is not None:
         steps = args.steps
     elif kind == "synthetic" and args.epochs is None:
@@ -298,12 +303,15 @@ def resolve(parser, args, world_size):
     else:
         per_epoch = (args.train_samples if kind == "webdataset" else None)
         plan["epochs"] = args.epochs or 1
-        steps = None if per_epoch is None else plan["epochs"] * per_epoch // plan["global_batch"]
+        steps = None if per_epoch is None else plan["epochs"] * per_epoch // global_batch
     plan["steps"] = steps  # None: map-style data, known once the dataset is read
     plan["warmup_steps"] = args.warmup_steps if args.warmup_steps is not None else sched.get("warmup_num_steps")
     plan["warmup_fraction"] = sched.get("warmup_fraction", 0.1)
+    return plan
 
-    # Precision: fp32 on CPU; bf16/fp16 where the hardware has them
+
+def precision_plan(fail, args, config):
+    """Precision (fp32 on CPU; bf16/fp16 where the hardware has them) and the ZeRO stage."""
     cuda = torch.cuda.is_available()
     precision = args.precision
     if precision == "auto":
@@ -315,30 +323,37 @@ def resolve(parser, args, world_size):
         print("warning: --precision bf16 on a CPU without bf16 matrix instructions (AMX / AVX512-BF16) runs up to "
               "~100x slower than fp32", file=sys.stderr, flush=True)
     set_precision(config, precision)
-    plan["precision"] = precision
-
-    # ZeRO
     zero = config.setdefault("zero_optimization", {})
     if args.zero_stage is not None:
         zero["stage"] = args.zero_stage
-    plan["zero_stage"] = zero.setdefault("stage", 0)
+    zero_stage = zero.setdefault("stage", 0)
     config.setdefault("gradient_clipping", 1.0)  # DeepSpeed's default
-    if precision == "fp16" and plan["zero_stage"] > 0 and config["gradient_clipping"] > 0:
+    if precision == "fp16" and zero_stage > 0 and config["gradient_clipping"] > 0:
         # Measured (0.19.7, 0.19.8): ZeRO 1-3 clip by the norm of the gradients still multiplied by
         # the GradScaler's scale (DeepSpeed divides by its own loss scale, 1 under torch_autocast), so
         # every update shrinks ~65536x and the loss does not move.
         fail("--precision fp16 with gradient clipping trains nothing at ZeRO 1-3 in DeepSpeed 0.19 (its clipping "
              "ignores torch_autocast's loss scale): use --precision bf16, --zero_stage 0, or --grad_clip 0")
+    return {"precision": precision, "zero_stage": zero_stage}
 
+
+def resolve(parser, args, world_size):
+    """Check the options and merge them with ds_config.json. Returns (plan dict, DeepSpeed config)
+    or exits with a message that says what to change. Runs before DeepSpeed is imported."""
+    fail = parser.error
+    config = read_ds_config(fail, args)
+    plan = {**model_plan(fail, args), **data_plan(fail, args, world_size)}
+    plan.update(batch_plan(fail, args, config, world_size, plan["kind"]))
+    plan.update(optimization_plan(args, config, world_size, plan["kind"], plan["global_batch"]))
+    plan.update(precision_plan(fail, args, config))
     # Monitors write next to the checkpoints unless ds_config names a folder
     for monitor in ("tensorboard", "csv_monitor", "wandb"):
         if config.get(monitor, {}).get("enabled"):
             config[monitor].setdefault("output_path", os.path.join(args.out_dir, "monitor"))
             config[monitor].setdefault("job_name", "train_ds")
     config.setdefault("steps_per_print", 10 ** 9)
-
-    plan["eval_every"] = args.eval_every if args.eval_every is not None else (100 if kind == "synthetic" else 0)
-    plan["workers"] = args.workers if args.workers is not None else (4 if cuda else 1)
+    plan["eval_every"] = args.eval_every if args.eval_every is not None else (100 if plan["kind"] == "synthetic" else 0)
+    plan["workers"] = args.workers if args.workers is not None else (4 if torch.cuda.is_available() else 1)
     return plan, config
 
 
@@ -918,28 +933,29 @@ def format_time(seconds):
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def main(argv=None):
-    started = time.time()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.export:
-        folder = args.checkpoint or (os.path.join(checkpoint_root(args.out_dir), latest_checkpoint(args.out_dir))
-                                     if latest_checkpoint(args.out_dir) else None)
-        if folder is None or not os.path.isfile(os.path.join(folder, "trainer_state.json")):
-            parser.error(f"--export: no complete checkpoint in {args.checkpoint or checkpoint_root(args.out_dir)}")
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            export(folder, args.export)
-        except ValueError as e:
-            parser.error(f"--export: {e}")
-        print(f"exported {folder} -> {args.export}")
-        return None
+def export_only(parser, args):
+    """--export: the latest (or the --checkpoint) complete checkpoint as one fp32 file, every file
+    loaded with weights_only=True."""
+    latest = latest_checkpoint(args.out_dir)
+    folder = args.checkpoint or (os.path.join(checkpoint_root(args.out_dir), latest) if latest else None)
+    if folder is None or not os.path.isfile(os.path.join(folder, MARKER)):
+        parser.error(f"--export: no complete checkpoint in {args.checkpoint or checkpoint_root(args.out_dir)}")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        export(folder, args.export)
+    except ValueError as e:
+        parser.error(f"--export: {e}")
+    print(f"exported {folder} -> {args.export}")
+
+
+def prepare(parser, args):
+    """Everything checked before DeepSpeed starts, so that a bad option, folder or file fails in
+    seconds: (plan, DeepSpeed config, notes for the log, training data, eval.py datasets)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     plan, ds_config = resolve(parser, args, world_size)
     problem, notes = check_out_dir(args, plan, world_size)
     if problem:
         parser.error(problem)
-    # Data (read before DeepSpeed starts, so that a bad file fails fast)
     image_size = plan["model_config"].image_size
     try:
         dataset = data.open_train_data(plan["kind"], args.train_data, image_size, args.seed, args.synthetic_samples,
@@ -947,9 +963,239 @@ def main(argv=None):
                                        args.interleave_shards)
     except ValueError as e:
         parser.error(str(e))
-    eval_sets = open_eval_datasets(parser, args.eval_dataset, plan["model_config"].image_size, args.eval_samples)
+    eval_sets = open_eval_datasets(parser, args.eval_dataset, image_size, args.eval_samples)
+    return plan, ds_config, notes, dataset, eval_sets
+
+
+def build_engine(run, deepspeed, ds_config, dataset):
+    """The model (identical initial weights on every rank), MS-CLIP's optimizer groups, the warm-up +
+    cosine schedule, and DeepSpeed's engine around them. Sets run.engine, run.schedule, run.steps."""
+    args, plan = run.args, run.plan
+    torch.manual_seed(args.seed)
+    model = msclip.MSCLIP(plan["model_config"])
+    run.parameters = sum(p.numel() for p in model.parameters())
+    logit_scale_init = args.logit_scale_init if args.logit_scale_init is not None or args.preset else DEMO_LOGIT_SCALE
+    if logit_scale_init is not None:
+        model.logit_scale.data.fill_(logit_scale_init)
+    model.set_grad_checkpointing(args.grad_checkpointing)
+    if plan["zero_stage"] == 3:
+        register_orphan_parameters(model)
+
+    run.steps = plan["steps"]
+    if run.steps is None:  # map-style data: epochs x whole optimizer steps per epoch
+        run.steps = plan["epochs"] * (len(dataset) // run.global_micro // plan["accum"])
+        if run.steps < 1:
+            run.parser.error(f"{len(dataset)} samples make no optimizer step of {plan['global_batch']} pairs")
+    run.warmup = plan["warmup_steps"] if plan["warmup_steps"] is not None else int(plan["warmup_fraction"] * run.steps)
+
+    optimizer = model.configure_optimizers(plan["lr"], plan["wd"], plan["lr_shared"], plan["wd_shared"],
+                                           betas=plan["betas"], eps=plan["eps"])
+    run.schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(run.warmup, run.steps, plan["warmup_start"], plan["min_lr_ratio"]))
+    run.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=run.schedule,
+                                               config=ds_config)
+    if plan["precision"] != "fp32" and not getattr(run.engine, "torch_autocast_enabled", lambda: False)():
+        raise SystemExit(f"--precision {plan['precision']} needs DeepSpeed's torch_autocast with ZeRO (0.17.2 or "
+                         f"later); DeepSpeed {deepspeed.__version__} would train in fp32")
+
+
+def resume(run, tag):
+    """The run's progress: from checkpoint `tag`, or a fresh start when it is None. Progress is what
+    a checkpoint saves besides DeepSpeed's state: the step, the micro-batches consumed (map-style
+    data), each DataLoader worker's WebDataset stream position and the skipped-sample counts."""
+    progress = {"step": 0, "micro_batches": 0, "stream": {}, "skipped": {}, "examples": {}, "saved_step": None}
+    out = checkpoint_root(run.args.out_dir)
+    if not tag:
+        if run.args.resume:
+            run.log(f"--resume: no checkpoint in {out}, starting from scratch")
+        return progress
+    _, client = run.engine.load_checkpoint(out, tag=tag)
+    progress.update(step=client["step"], micro_batches=client["micro_batches"], skipped=dict(client.get("skipped", {})),
+                    saved_step=client["step"])
+    if client["world_size"] == run.world_size:
+        set_rng_state(client["rng"][run.rank])
+        progress["stream"] = dict(client["stream"][run.rank])
+    elif run.plan["kind"] == "webdataset":
+        run.log(f"resuming on {run.world_size} ranks a run saved on {client['world_size']}: WebDataset streams "
+                "restart at the start of the saved epoch")
+        epochs = [e for positions in client["stream"] for e, _ in positions.values()]
+        progress["stream"] = {-1: (min(epochs), 0)} if epochs else {}  # no worker -1: all start that epoch
+    if client["global_micro_batch"] != run.global_micro and run.plan["kind"] != "webdataset":
+        run.log(f"warning: micro-batch over all ranks was {client['global_micro_batch']}, now {run.global_micro}: "
+                "the data order differs from an uninterrupted run")
+    run.log(f"resumed {out}/{tag} at step {progress['step']}")
+    return progress
+
+
+def record(run, entry):
+    """One line of metrics.jsonl (rank 0)."""
+    if run.metrics:
+        run.metrics.write(json.dumps(entry) + "\n")
+        run.metrics.flush()
+
+
+def evaluate(run, step):
+    """Held-out zero-shot accuracy {task: fraction} and eval.py's --eval_dataset top-1 on rank 0
+    (ZeRO-3 gathers the weights collectively: there every rank takes part). None on other ranks."""
+    model, plan = run.engine.module, run.plan
+    with gathered(model):
+        if plan["zero_stage"] == 3 or run.master:
+            accuracy = zero_shot_heldout(model, plan["model_config"].image_size, seed=run.args.seed,
+                                         samples=run.args.eval_samples, device=run.device)
+            accuracy.update(zero_shot_eval_datasets(model, run.eval_sets, run.device, plan["precision"], step))
+            return accuracy
+    return None
+
+
+def checkpoint(run, progress):
+    """Every rank's RNG and stream position gathered into DeepSpeed's client state, saved by save()."""
+    import torch.distributed as dist
+    everyone = [None] * run.world_size
+    dist.all_gather_object(everyone, {"rng": rng_state(), "stream": progress["stream"]})
+    step, plan = progress["step"], run.plan
+    client = {"step": step, "micro_batches": progress["micro_batches"], "world_size": run.world_size,
+              "global_micro_batch": run.global_micro, "skipped": progress["skipped"],
+              "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone]}
+    trainer_state = {"msclip_config": {k: list(v) if isinstance(v, tuple) else v
+                                       for k, v in vars(plan["model_config"]).items()},
+                     "step": step, "zero_stage": plan["zero_stage"], "precision": plan["precision"],
+                     "world_size": run.world_size, "global_batch": plan["global_batch"], "args": vars(run.args)}
+    save(run.engine, run.args.out_dir, step, client, trainer_state, run.args.keep, run.control)
+    progress["saved_step"] = step
+
+
+def train_step(run, batches, loss_fn, progress, window):
+    """One optimizer step: `accum` micro-batches forward and backward, DeepSpeed's step (gradients
+    averaged over ranks, clipped, applied at the last one). The loss stays on the device."""
+    for _ in range(run.plan["accum"]):
+        images, tokens, skipped, positions = next(batches)
+        for reason, where in skipped:
+            window["skipped"][reason] = window["skipped"].get(reason, 0) + 1
+            progress["examples"].setdefault(reason, where)
+        for worker, epoch, place in positions:
+            progress["stream"][worker] = (epoch, place)
+        # uint8 from the workers, normalised in fp32 on the device: torch_autocast casts inside the model
+        images = data.normalize_images(images, run.device, torch.float32)
+        tokens = tokens.to(run.device, non_blocking=True)  # trimmed on the host by data.collate
+        image_features, text_features, logit_scale = run.engine(images, tokens)
+        loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
+        run.engine.backward(loss)
+        run.engine.step()
+        window["loss"] = window["loss"] + loss.detach()
+        window["n"] += 1
+        progress["micro_batches"] += 1
+    progress["step"] += 1
+    window["steps"] += 1
+
+
+def new_window():
+    """What a progress line averages over: loss (a device tensor), micro-batches, steps, skipped samples."""
+    return {"loss": 0.0, "n": 0, "time": time.time(), "steps": 0, "skipped": {}}
+
+
+def log_step(run, progress, window, lr):
+    """At a log step (the only host reads of the loop): skipped samples summed over ranks, the
+    progress line, metrics.jsonl and DeepSpeed's monitors."""
+    import torch.distributed as dist
+    reasons = ("missing", "corrupt", "empty_caption")
+    counts = torch.tensor([window["skipped"].get(r, 0) for r in reasons], dtype=torch.float64, device=run.device)
+    dist.all_reduce(counts)
+    skipped = progress["skipped"]
+    for reason, n in zip(reasons, counts.tolist()):
+        skipped[reason] = skipped.get(reason, 0) + int(n)
+    if counts.sum() and run.master:
+        print(f"skipped so far: {skipped} (e.g. {progress['examples']})", flush=True)
+    step, plan, args = progress["step"], run.plan, run.args
+    elapsed = time.time() - window["time"]
+    pairs_per_s = window["steps"] * plan["global_batch"] / max(elapsed, 1e-9)
+    scale = logit_scale_value(run.engine)
+    epoch_size = run.dataset_size if plan["kind"] != "webdataset" else (args.train_samples or float("inf"))
+    entry = {"step": step, "loss": float(window["loss"]) / window["n"], "lr": lr, "logit_scale": scale,
+             "pairs_per_s": pairs_per_s, "memory_gb": memory_gb(run.device),
+             "epoch": progress["micro_batches"] * run.global_micro / epoch_size,
+             "skipped": dict(skipped), "time": time.time() - run.started}
+    record(run, entry)
+    eta = (run.steps - step) * elapsed / window["steps"]
+    run.log(f"step {step:>6}/{run.steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | logit scale {scale:.3f} | "
+            f"{pairs_per_s:,.0f} pairs/s | mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}")
+    if run.engine.monitor.enabled and run.master:
+        run.engine.monitor.write_events([("Train/loss", entry["loss"], step), ("Train/logit_scale", scale, step),
+                                         ("Train/pairs_per_s", pairs_per_s, step)])
+
+
+def train(run, loader, progress):
+    """The loop: optimizer steps until --steps (or --stop_at), a stop request, with progress lines,
+    evaluations and checkpoints on their schedules. Returns the step it stopped at."""
+    args, plan = run.args, run.plan
+    loss_fn = msclip.ContrastiveLoss(gather_with_grad=True, local_loss=args.local_loss)
+    clamp_logit_scale = logit_scale_clamp(run.engine)  # after load_checkpoint: it holds views of the fp32 master
+    stop = min(run.steps, args.stop_at) if args.stop_at else run.steps
+    window, batches = new_window(), iter(loader)
+    try:
+        while progress["step"] < stop:
+            if stop_requested(run.stop_signal, run.launchers, run.control):
+                break
+            lr = run.schedule.get_last_lr()[0]
+            train_step(run, batches, loss_fn, progress, window)
+            clamp_logit_scale()
+            step = progress["step"]
+            if step % args.log_every == 0 or step == stop:
+                log_step(run, progress, window, lr)
+                window = new_window()
+            if plan["eval_every"] > 0 and step % plan["eval_every"] == 0 and step < stop:
+                accuracy = evaluate(run, step)
+                if accuracy:
+                    record(run, {"step": step, "zero_shot": accuracy, "time": time.time() - run.started})
+                    others = "".join(f", {k} {v:.1f}%" for k, v in accuracy.items() if k not in ("colour", "shape"))
+                    run.log(f"step {step:>6} | held-out zero-shot: colour {accuracy['colour']:.1%}, shape "
+                            f"{accuracy['shape']:.1%}{others}")
+                window["time"] = time.time()
+            if args.save_every and step % args.save_every == 0 and step < stop:
+                checkpoint(run, progress)
+                window["time"] = time.time()
+    finally:
+        del batches  # stops the DataLoader workers
+    if progress["saved_step"] != progress["step"]:
+        checkpoint(run, progress)
+    return stop
+
+
+def finish(run, progress):
+    """After the last step: export the weights (rank 0) and the final evaluation. Returns the result."""
+    step, args = progress["step"], run.args
+    folder = os.path.join(checkpoint_root(args.out_dir), latest_checkpoint(args.out_dir))
+    exported = os.path.join(args.out_dir, "msclip.pt")
+    if run.master:
+        export(folder, exported)
+    result = {"steps": step, "checkpoint": folder, "export": exported, "skipped": progress["skipped"]}
+    if run.plan["eval_every"] >= 0:
+        accuracy = evaluate(run, step)
+        if accuracy:
+            record(run, {"step": step, "zero_shot": accuracy, "time": time.time() - run.started})
+            result["zero_shot"] = accuracy
+            chance = 1 / len(data.SHAPES), 1 / len(data.COLOURS)
+            run.log(f"held-out zero-shot accuracy ({args.eval_samples} new renders): colour {accuracy['colour']:.1%} "
+                    f"(chance {chance[1]:.1%}), shape {accuracy['shape']:.1%} (chance {chance[0]:.1%})")
+            for name, top1 in accuracy.items():
+                if name not in ("colour", "shape"):
+                    run.log(f"zero-shot top-1 on {name} (eval.py): {top1:.1f}%")
+    import torch.distributed as dist
+    dist.barrier()
+    run.log(f"done: {step} steps in {format_time(time.time() - run.started)}; checkpoint {folder}; weights for "
+            f"msclip.load_checkpoint / eval.py: {exported}")
+    return result
+
+
+def main(argv=None):
+    started = time.time()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.export:
+        return export_only(parser, args)
+    plan, ds_config, notes, dataset, eval_sets = prepare(parser, args)
     warnings.filterwarnings("ignore", category=FutureWarning)  # ZeRO-3 and all_gather deprecation notices
 
+    # Process group, then the out_dir lock and the checkpoint to resume, both decided by rank 0
     launchers = launcher_processes()  # before init_distributed, which sets RANK for plain `python`
     deepspeed = init_distributed()
     import torch.distributed as dist
@@ -960,222 +1206,49 @@ def main(argv=None):
         if rank == 0:
             parser.error(problem)
         sys.exit(2)
-    stop_signal = catch_stop_signals()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    cuda = device.type == "cuda"
     master = rank == 0
-
-    def log(message):
-        if master:
-            print(message, flush=True)
-
+    run = types.SimpleNamespace(
+        args=args, parser=parser, plan=plan, started=started, rank=rank, world_size=world_size, master=master,
+        device=device, control=control, launchers=launchers, stop_signal=catch_stop_signals(), eval_sets=eval_sets,
+        global_micro=plan["micro"] * world_size, dataset_size=len(dataset) if plan["kind"] != "webdataset" else None,
+        log=lambda message: print(message, flush=True) if master else None)
     for note in notes:
-        log(note)
+        run.log(note)
 
-    # Model, optimizer (MS-CLIP's groups), schedule; identical initial weights on every rank
-    torch.manual_seed(args.seed)
-    model = msclip.MSCLIP(plan["model_config"])
-    parameters = sum(p.numel() for p in model.parameters())
-    logit_scale_init = args.logit_scale_init if args.logit_scale_init is not None or args.preset else DEMO_LOGIT_SCALE
-    if logit_scale_init is not None:
-        model.logit_scale.data.fill_(logit_scale_init)
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    if plan["zero_stage"] == 3:
-        register_orphan_parameters(model)
-
-    global_micro = plan["micro"] * world_size
-    steps = plan["steps"]
-    if steps is None:  # map-style data: epochs x whole optimizer steps per epoch
-        steps = plan["epochs"] * (len(dataset) // global_micro // plan["accum"])
-        if steps < 1:
-            parser.error(f"{len(dataset)} samples make no optimizer step of {plan['global_batch']} pairs")
-    warmup = plan["warmup_steps"] if plan["warmup_steps"] is not None else int(plan["warmup_fraction"] * steps)
-
-    optimizer = model.configure_optimizers(plan["lr"], plan["wd"], plan["lr_shared"], plan["wd_shared"],
-                                           betas=plan["betas"], eps=plan["eps"])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, steps, plan["warmup_start"],
-                                                                      plan["min_lr_ratio"]))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
-    loss_fn = msclip.ContrastiveLoss(gather_with_grad=True, local_loss=args.local_loss)
-    if plan["precision"] != "fp32" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
-        raise SystemExit(f"--precision {plan['precision']} needs DeepSpeed's torch_autocast with ZeRO (0.17.2 or "
-                         f"later); DeepSpeed {deepspeed.__version__} would train in fp32")
-
-    # Resume
-    step, micro_batches, stream_start, skipped_total = 0, 0, {}, {}
-    tag = resume_tag
-    if tag:
-        _, client = engine.load_checkpoint(checkpoint_root(args.out_dir), tag=tag)
-        step, micro_batches = client["step"], client["micro_batches"]
-        skipped_total = dict(client.get("skipped", {}))
-        if client["world_size"] == world_size:
-            set_rng_state(client["rng"][rank])
-            stream_start = client["stream"][rank]
-        elif plan["kind"] == "webdataset":
-            log(f"resuming on {world_size} ranks a run saved on {client['world_size']}: WebDataset streams restart "
-                "at the start of the saved epoch")
-            epochs = [e for positions in client["stream"] for e, _ in positions.values()]
-            stream_start = {-1: (min(epochs), 0)} if epochs else {}  # no worker -1: all start that epoch
-        if client["global_micro_batch"] != global_micro and plan["kind"] != "webdataset":
-            log(f"warning: micro-batch over all ranks was {client['global_micro_batch']}, now {global_micro}: "
-                "the data order differs from an uninterrupted run")
-        log(f"resumed {checkpoint_root(args.out_dir)}/{tag} at step {step}")
-    elif args.resume:
-        log(f"--resume: no checkpoint in {checkpoint_root(args.out_dir)}, starting from scratch")
-
-    loader = data.train_loader(dataset, plan["micro"], rank, world_size, plan["workers"], args.seed, micro_batches,
-                               stream_start, plan["groups"], pin_memory=cuda, log=log)
-
+    # Model and engine, resume, data
+    build_engine(run, deepspeed, ds_config, dataset)
+    progress = resume(run, resume_tag)
+    loader = data.train_loader(dataset, plan["micro"], rank, world_size, plan["workers"], args.seed,
+                               progress["micro_batches"], dict(progress["stream"]), plan["groups"],
+                               pin_memory=device.type == "cuda", log=run.log)
     loader.worker_init_fn = ignoring_stop_signals(loader.worker_init_fn)
-    os.makedirs(args.out_dir, exist_ok=True)
     if master:
-        trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), step)
-    metrics_file = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
-
-    def record(entry):
-        if master:
-            metrics_file.write(json.dumps(entry) + "\n")
-            metrics_file.flush()
-
-    def evaluate():
-        with gathered(engine.module):
-            if plan["zero_stage"] == 3 or master:  # ZeRO-3 gathers weights collectively: every rank takes part
-                accuracy = zero_shot_heldout(engine.module, image_size, seed=args.seed, samples=args.eval_samples,
-                                             device=device)
-                accuracy.update(zero_shot_eval_datasets(engine.module, eval_sets, device, plan["precision"], step))
-                return accuracy
-        return None
-
+        trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), progress["step"])
+    run.metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a") if master else None
     c = plan["model_config"]
-    log(f"MS-CLIP {plan['preset']} {plan['overrides'] or ''}: {parameters / 1e6:.2f}M "
-        f"parameters, {c.layers} layers, width {c.vision_width}, {image_size} px | {plan['kind']} data | ZeRO "
-        f"{plan['zero_stage']}, {plan['precision']}, {world_size} rank(s) on {device.type} | {steps} steps x "
-        f"{plan['global_batch']} pairs ({plan['micro']} per rank x {plan['accum']} accumulation), lr {plan['lr']:g} "
-        f"(shared {plan['lr_shared']:g}), warm-up {warmup}")
+    run.log(f"MS-CLIP {plan['preset']} {plan['overrides'] or ''}: {run.parameters / 1e6:.2f}M parameters, {c.layers} "
+            f"layers, width {c.vision_width}, {c.image_size} px | {plan['kind']} data | ZeRO {plan['zero_stage']}, "
+            f"{plan['precision']}, {world_size} rank(s) on {device.type} | {run.steps} steps x {plan['global_batch']} "
+            f"pairs ({plan['micro']} per rank x {plan['accum']} accumulation), lr {plan['lr']:g} "
+            f"(shared {plan['lr_shared']:g}), warm-up {run.warmup}")
 
-    stream_position = dict(stream_start)
-    skipped_since, examples = {}, {}
-    window = {"loss": 0.0, "n": 0, "time": time.time(), "steps": 0}
-    last_saved = step if tag else None
-    state_of = lambda: {"msclip_config": {k: list(v) if isinstance(v, tuple) else v  # noqa: E731
-                                          for k, v in vars(plan["model_config"]).items()},
-                        "step": step, "zero_stage": plan["zero_stage"], "precision": plan["precision"],
-                        "world_size": world_size, "global_batch": plan["global_batch"], "args": vars(args)}
-
-    def checkpoint():
-        everyone = [None] * world_size
-        dist.all_gather_object(everyone, {"rng": rng_state(), "stream": stream_position})
-        client = {"step": step, "micro_batches": micro_batches, "world_size": world_size,
-                  "global_micro_batch": global_micro, "skipped": skipped_total,
-                  "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone]}
-        return save(engine, args.out_dir, step, client, state_of(), args.keep, control)
-
-    clamp_logit_scale = logit_scale_clamp(engine)  # after load_checkpoint: it holds views of the fp32 master
-    iterator = iter(loader)
+    # Train, then export and evaluate (or, when asked to stop, only the checkpoint: schedulers
+    # SIGKILL about 30 s after their notice)
     try:
-        stop = min(steps, args.stop_at) if args.stop_at else steps
-        while step < stop:
-            if stop_requested(stop_signal, launchers, control):
-                break
-            lr = schedule.get_last_lr()[0]
-            for _ in range(plan["accum"]):
-                images, tokens, skipped, positions = next(iterator)
-                for reason, where in skipped:
-                    skipped_since[reason] = skipped_since.get(reason, 0) + 1
-                    examples.setdefault(reason, where)
-                for worker, epoch, ordinal in positions:
-                    stream_position[worker] = (epoch, ordinal)
-                # uint8 from the workers, normalised in fp32 on the device: torch_autocast casts inside the model
-                images = data.normalize_images(images, device, torch.float32)
-                tokens = tokens.to(device, non_blocking=True)  # trimmed on the host by data.collate
-                image_features, text_features, logit_scale = engine(images, tokens)
-                loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
-                engine.backward(loss)  # averages the gradients over ranks at the last micro-batch
-                engine.step()
-                window["loss"] = window["loss"] + loss.detach()  # stays on the device until a log step
-                window["n"] += 1
-                micro_batches += 1
-            step += 1
-            window["steps"] += 1
-            clamp_logit_scale()
-
-            if step % args.log_every == 0 or step == stop:
-                counts = torch.tensor([skipped_since.get(r, 0) for r in ("missing", "corrupt", "empty_caption")],
-                                      dtype=torch.float64, device=device)
-                dist.all_reduce(counts)
-                for reason, n in zip(("missing", "corrupt", "empty_caption"), counts.tolist()):
-                    skipped_total[reason] = skipped_total.get(reason, 0) + int(n)
-                if counts.sum() and master:
-                    print(f"skipped so far: {skipped_total} (e.g. {examples})", flush=True)
-                skipped_since = {}
-                elapsed = time.time() - window["time"]
-                pairs_per_s = window["steps"] * plan["global_batch"] / max(elapsed, 1e-9)
-                scale = logit_scale_value(engine)
-                entry = {"step": step, "loss": float(window["loss"]) / window["n"], "lr": lr, "logit_scale": scale,
-                         "pairs_per_s": pairs_per_s, "memory_gb": memory_gb(device), "epoch": micro_batches *
-                         global_micro / (len(dataset) if plan["kind"] != "webdataset" else
-                                         (args.train_samples or float("inf"))),
-                         "skipped": dict(skipped_total), "time": time.time() - started}
-                record(entry)
-                eta = (steps - step) * elapsed / window["steps"]
-                log(f"step {step:>6}/{steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | logit scale {scale:.3f} | "
-                    f"{pairs_per_s:,.0f} pairs/s | mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}")
-                if engine.monitor.enabled and master:
-                    engine.monitor.write_events([("Train/loss", entry["loss"], step), ("Train/logit_scale", scale, step),
-                                                 ("Train/pairs_per_s", pairs_per_s, step)])
-                window = {"loss": 0.0, "n": 0, "time": time.time(), "steps": 0}
-
-            if plan["eval_every"] > 0 and step % plan["eval_every"] == 0 and step < stop:
-                accuracy = evaluate()
-                if accuracy:
-                    record({"step": step, "zero_shot": accuracy, "time": time.time() - started})
-                    others = "".join(f", {k} {v:.1f}%" for k, v in accuracy.items() if k not in ("colour", "shape"))
-                    log(f"step {step:>6} | held-out zero-shot: colour {accuracy['colour']:.1%}, shape "
-                        f"{accuracy['shape']:.1%}{others}")
-                window["time"] = time.time()
-
-            if args.save_every and step % args.save_every == 0 and step < stop:
-                checkpoint()
-                last_saved = step
-                window["time"] = time.time()
+        stop = train(run, loader, progress)
+        if progress["step"] < stop:
+            folder = os.path.join(checkpoint_root(args.out_dir), latest_checkpoint(args.out_dir))
+            if run.stop_signal["reason"]:
+                print(f"rank {rank}: {run.stop_signal['reason']}", flush=True)
+            run.log(f"stopped at step {progress['step']} of {run.steps}: checkpoint {folder}; continue with --resume")
+            return {"steps": progress["step"], "checkpoint": folder, "stopped": True, "skipped": progress["skipped"]}
+        return finish(run, progress)
     finally:
-        del iterator  # stops the DataLoader workers
-
-    if last_saved != step:
-        checkpoint()
-    folder = os.path.join(checkpoint_root(args.out_dir), latest_checkpoint(args.out_dir))
-    if step < stop:  # preempted: the checkpoint is all there is time for (schedulers SIGKILL ~30 s later)
-        if stop_signal["reason"]:
-            print(f"rank {rank}: {stop_signal['reason']}", flush=True)
-        log(f"stopped at step {step} of {steps}: checkpoint {folder}; continue with --resume")
-        if metrics_file:
-            metrics_file.close()
+        if run.metrics:
+            run.metrics.close()
         if lock:
             lock.close()
-        return {"steps": step, "checkpoint": folder, "stopped": True, "skipped": skipped_total}
-    exported = os.path.join(args.out_dir, "msclip.pt")
-    if master:
-        export(folder, exported)
-    result = {"steps": step, "checkpoint": folder, "export": exported, "skipped": skipped_total}
-    if plan["eval_every"] >= 0:
-        accuracy = evaluate()
-        if accuracy:
-            record({"step": step, "zero_shot": accuracy, "time": time.time() - started})
-            result["zero_shot"] = accuracy
-            chance = 1 / len(data.SHAPES), 1 / len(data.COLOURS)
-            log(f"held-out zero-shot accuracy ({args.eval_samples} new renders): colour {accuracy['colour']:.1%} "
-                f"(chance {chance[1]:.1%}), shape {accuracy['shape']:.1%} (chance {chance[0]:.1%})")
-            for name, top1 in accuracy.items():
-                if name not in ("colour", "shape"):
-                    log(f"zero-shot top-1 on {name} (eval.py): {top1:.1f}%")
-    dist.barrier()
-    log(f"done: {step} steps in {format_time(time.time() - started)}; checkpoint {folder}; weights for "
-        f"msclip.load_checkpoint / eval.py: {exported}")
-    if metrics_file:
-        metrics_file.close()
-    if lock:
-        lock.close()
-    return result
 
 
 if __name__ == "__main__":

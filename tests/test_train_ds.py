@@ -18,7 +18,6 @@ import tarfile
 
 import pytest
 import torch
-from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
