@@ -98,6 +98,9 @@ def build_parser():
     p.add_argument("--probe_iterations", type=int, default=1000,
                    help="L-BFGS iterations per linear-probe fit (eval.py's default: 1000; a probe searches ~15 "
                         "regularisation strengths, which takes minutes per run on a loaded CPU)")
+    p.add_argument("--report_only", action="store_true",
+                   help="train and evaluate nothing: tabulate the runs finished so far (a sweep still running, "
+                        "or one stopped before its end); the table says how many seeds each variant has")
     p.add_argument("--device", default=None, help="evaluation device (default: cuda when available, else cpu)")
     return p
 
@@ -210,6 +213,9 @@ def run_once(variant, seed, args, train_args):
     if done and done["evaluation"] == evaluation:
         print(f"{variant:>16} seed {seed}: done before, kept ({run / 'result.json'})", flush=True)
         return done
+    if args.report_only:
+        print(f"{variant:>16} seed {seed}: not finished, left out of the table", flush=True)
+        return None
     if trained is None:
         print(f"{variant:>16} seed {seed}: training {preset} (log: {run / 'train.log'})", flush=True)
         trained = {"settings": settings, "train_s": round(train(run, preset, seed, args, train_args), 1)}
@@ -243,7 +249,7 @@ def spread(values):
             "values": values}
 
 
-def summarise(results, args):
+def summarise(results):
     """Per variant: parameters, FLOPs, and mean ± std over seeds of every metric and of the training time."""
     summary = {}
     for variant, by_seed in results.items():
@@ -253,6 +259,7 @@ def summarise(results, args):
             "what": what, "preset": runs[0]["settings"]["preset"], "seeds": list(by_seed),
             "parameters": runs[0]["parameters"], "flops_per_pair": runs[0]["flops_per_pair"],
             "steps": runs[0]["steps"], "train_s": spread([r["train_s"] for r in runs]),
+            "final_loss": spread([r["final_loss"] for r in runs]),
             "metrics": {k: spread([r["metrics"][k] for r in runs]) for k in runs[0]["metrics"]},
             "paper_imagenet_zeroshot": paper, "paper_source": source,
             "curves": {seed: r["curve"] for seed, r in by_seed.items()}}
@@ -261,12 +268,12 @@ def summarise(results, args):
 
 def markdown_table(summary):
     metrics = list(next(iter(summary.values()))["metrics"])
-    header = ["variant", "params", "MFLOPs/pair", "train s", *[m.replace("synthetic-", "") for m in metrics],
+    header = ["variant", "seeds", "params", "MFLOPs/pair", "train s", "final loss", *[m.replace("synthetic-", "") for m in metrics],
               "paper: IN zero-shot"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, s in summary.items():
-        cells = [f"`{variant}` {s['what']}", f"{s['parameters'] / 1e6:.2f}M", f"{s['flops_per_pair'] / 1e6:.0f}",
-                 f"{s['train_s']['mean']:.0f}"]
+        cells = [f"`{variant}` {s['what']}", str(len(s["seeds"])), f"{s['parameters'] / 1e6:.2f}M", f"{s['flops_per_pair'] / 1e6:.0f}",
+                 f"{s['train_s']['mean']:.0f}", f"{s['final_loss']['mean']:.2f} ± {s['final_loss']['std']:.2f}"]
         cells += [f"{s['metrics'][m]['mean']:.1f} ± {s['metrics'][m]['std']:.1f}" for m in metrics]
         paper = s["paper_imagenet_zeroshot"]
         cells.append(f"{paper:.2f} ({s['paper_source']})" if paper is not None else "—")
@@ -314,10 +321,15 @@ def main(argv=None):
     try:
         for seed in args.seeds:        # seed by seed: an interrupted sweep still compares every variant
             for variant in args.variants:
-                results[variant][seed] = run_once(variant, seed, args, train_args)
+                result = run_once(variant, seed, args, train_args)
+                if result:
+                    results[variant][seed] = result
     except EvalError as e:
         sys.exit(f"ablate.py: evaluation failed: {e}")
-    summary = summarise(results, args)
+    results = {v: by_seed for v, by_seed in results.items() if by_seed}
+    if not results:
+        sys.exit(f"ablate.py: no finished runs in {out / 'runs'} with these settings")
+    summary = summarise(results)
     table = markdown_table(summary)
     command = shlex.join(["python", "ablate.py", *(sys.argv[1:] if argv is None else argv)])
     write_json(out / "ablation.json", {"command": command, "size": args.size, "train_args": train_args,

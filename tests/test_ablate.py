@@ -23,8 +23,8 @@ TRAIN = ["--steps", "3", "--batch_size", "16", "--synthetic_samples", "640", "--
          "--eval_samples", "32", "--log_every", "1"]
 
 
-def argv(out_dir, train=TRAIN):
-    return ["--variants", *VARIANTS, "--seeds", "1", "--out_dir", str(out_dir), "--synthetic_size", "64",
+def argv(out_dir, train=TRAIN, seeds=("1",)):
+    return ["--variants", *VARIANTS, "--seeds", *seeds, "--out_dir", str(out_dir), "--synthetic_size", "64",
             "--probe_iterations", "50", "--", *train]
 
 
@@ -62,7 +62,9 @@ def test_sweep_reports_each_runs_own_numbers_and_skips_finished_runs(tmp_path, c
             assert f"{value:.1f} ± 0.0" in row
         # Training: train_ds.py's own records, 3 steps at the demo size; the curve is its held-out evaluations.
         steps, evals = metrics_jsonl(run)
-        assert result["steps"] == s["steps"] == steps[-1]["step"] == 3 and result["final_loss"] == steps[-1]["loss"]
+        assert result["steps"] == s["steps"] == steps[-1]["step"] == 3
+        assert result["final_loss"] == steps[-1]["loss"] and s["final_loss"]["values"] == [steps[-1]["loss"]]
+        assert f"{steps[-1]['loss']:.2f} ± 0.00" in row
         assert s["curves"]["1"] == result["curve"] == [
             {"step": e["step"], "shape": 100 * e["zero_shot"]["shape"], "colour": 100 * e["zero_shot"]["colour"]}
             for e in evals]
@@ -101,6 +103,11 @@ def test_sweep_reports_each_runs_own_numbers_and_skips_finished_runs(tmp_path, c
     assert (out / "runs" / "msclip-s" / "seed1" / "result.json").stat().st_mtime_ns == kept
     assert json.loads(clip_result.read_text())["metrics"] == json.loads(before)["metrics"]
     assert again == summary
+
+    # --report_only tabulates the finished runs and trains nothing: seed 2 was never run.
+    partial = ablate.main(["--report_only", *argv(out, seeds=("1", "2"))])
+    assert "training " not in capsys.readouterr().out and partial == summary
+    assert "| `msclip-s` MS-CLIP-S: + both | 1 |" in (out / "ablation.md").read_text()
 
     # Other training options in the same folder: refused, not mixed into the table.
     with pytest.raises(SystemExit, match="other settings"):
