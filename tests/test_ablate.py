@@ -78,6 +78,11 @@ def test_sweep_reports_each_runs_own_numbers_and_skips_finished_runs(tmp_path, c
         probe = next(r for r in result["reports"] if r["name"] == "synthetic-shape")["linear-probe"]
         assert (probe["n_train"] + probe["n_val"], probe["n_test"]) == (64, 64)
     assert stored["variants"]["clip"]["paper_imagenet_zeroshot"] == 32.2
+    try:   # the plot of the curves needs matplotlib; without it there is none
+        import matplotlib  # noqa: F401
+        assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert not (out / "curves.png").exists()
     assert summary["msclip-s"]["parameters"] < summary["clip"]["parameters"]
 
     # eval.py's command line on one export gives the same zero-shot figures.
