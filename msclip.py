@@ -105,7 +105,18 @@ PRESETS = {
     "msclip-tiny": _TINY,
     "msclip-s-tiny": {**_TINY, **_S},
     "msclip-s-tiny-b16": {**_TINY, **_S, "patch_size": 16},
+    "clip-tiny-b16": {**_TINY, **_CLIP, "text_width": 128, "text_heads": 2, "patch_size": 16},
+    "msclip-tiny-b16": {**_TINY, "patch_size": 16},
 }
+# The paper's ablations as presets "<ablation>-<size>", so that train_ds.py (--preset) and ablate.py
+# can run each at every size: one modality-specific module added to MS-CLIP (main paper Sec. 4.3),
+# attention or FFN shared alone (supplement Table 5), adapters without depthwise convs (Table 6).
+_ABLATIONS = {"msclip-es": {"early_specialization": True}, "msclip-pb": {"parallel_branch": True},
+              "msclip-attn": {"share_mlp": False}, "msclip-ffn": {"share_attention": False},
+              "msclip-s-avgpool": {**_S, "adapter_depthwise": False}}
+_SIZES = {"b32": {}, "b16": {"patch_size": 16}, "tiny-b16": {**_TINY, "patch_size": 16}}
+PRESETS.update({f"{name}-{size}": {**base, **switches} for name, switches in _ABLATIONS.items()
+                for size, base in _SIZES.items()})
 
 
 def create_model(name, **overrides):

@@ -80,6 +80,35 @@ def test_adapters_without_depthwise_conv():
     assert out.shape == (2, 128) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name, expected", [
+    ("msclip-attn-b32", 182_954_497),                  # Table 5: attention shared only
+    ("msclip-ffn-b32", 154_633_729),                   # Table 5: FFN shared only
+    ("msclip-es-b32", 128_436_721),                    # MS-CLIP-S without the parallel branch
+    ("msclip-pb-b32", 126_285_313 + 3_971_280),        # MS-CLIP + branch and adapters (§9 table)
+])
+def test_ablation_presets_b32(name, expected):
+    assert count(msclip.create_model(name)) == expected
+
+
+def test_ablation_presets_tiny_b16():
+    """The micro-scale presets of ablate.py, from the tiny models by analytic differences."""
+    n = {name: count(msclip.create_model(name)) for name in msclip.PRESETS if "tiny" in name}
+    width, grid16, grid32 = 128, 4, 2
+    patch_and_positions = 3 * width * (16 ** 2 - 32 ** 2) + width * (grid16 ** 2 - grid32 ** 2)
+    assert n["clip-tiny-b16"] - n["clip-tiny"] == n["msclip-tiny-b16"] - n["msclip-tiny"] == patch_and_positions
+    mlp = width * 4 * width + 4 * width + 4 * width * width + width
+    attention = 3 * width * width + 3 * width + width * width + width
+    assert n["msclip-attn-tiny-b16"] - n["msclip-tiny-b16"] == 12 * mlp      # text keeps its own MLPs
+    assert n["msclip-ffn-tiny-b16"] - n["msclip-tiny-b16"] == 12 * attention
+    # Early Specialization and the parallel branch add independent modules.
+    assert n["msclip-es-tiny-b16"] + n["msclip-pb-tiny-b16"] == n["msclip-tiny-b16"] + n["msclip-s-tiny-b16"]
+    depthwise = sum(c * k * k + 2 * c + width * 9 + 2 * width for c, k in zip([8, 16, 32, 64, 128], [8, 4, 2, 1, 1]))
+    assert n["msclip-s-tiny-b16"] - n["msclip-s-avgpool-tiny-b16"] == depthwise
+    c = msclip.create_model("msclip-s-avgpool-tiny-b16").config
+    assert (c.patch_size, c.image_size, c.vision_width, c.early_specialization, c.parallel_branch,
+            c.adapter_depthwise) == (16, 64, 128, True, True, False)
+
+
 def test_sharing_is_in_the_structure():
     model = msclip.create_model("msclip-s-b32")
     assert len(model.layers) == 11
