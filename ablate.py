@@ -43,8 +43,7 @@ import msclip
 # The pieces of the other scripts this one uses, all here: the demo model's settings, the FLOP
 # count, and eval.py's datasets and tasks (run in this process on each run's export).
 from bench import caption_tokens, model_flops
-from eval import (EvalError, Settings, apply_prompts, check_labels, features_of, linear_probe, load_model,
-                  open_dataset, run_zeroshot)
+from eval import EvalError, Settings, apply_prompts, load_model, open_dataset, run_linear_probe, run_zeroshot
 from train_ds import DEMO_LOGIT_SCALE, DEMO_OVERRIDES
 
 HERE = Path(__file__).resolve().parent
@@ -167,30 +166,18 @@ def open_eval_datasets(args, image_size):
     return datasets
 
 
-def probe(model, identity, dataset, settings, max_iter):
-    """eval.py's linear probe (CLIP's protocol) of one dataset, with max_iter L-BFGS iterations per fit."""
-    classes = len(dataset.classnames) if dataset.classnames else None
-    train_split, train = features_of(model, identity, dataset, settings.train_split, settings)
-    test_split, test = features_of(model, identity, dataset, settings.split, settings)
-    if train_split == test_split:
-        raise EvalError(f"{dataset.name}: the linear probe needs a train split besides {test_split!r}")
-    result = linear_probe(train["features"], check_labels(train, classes, dataset, train_split), test["features"],
-                          check_labels(test, classes, dataset, test_split), seed=settings.seed,
-                          device=settings.device, max_iter=max_iter)
-    return {**result, "split": test_split, "train_split": train_split}
-
-
 def evaluate_run(run, args):
     """eval.py's zero-shot and linear probe on the run's export: {"TASK/DATASET": top-1 %}, the reports."""
     model, identity = load_model(str(run / "msclip.pt"), device=args.device)
-    settings = Settings(tasks=args.task, device=args.device, quiet=True)   # its memo: each split encoded once
+    settings = Settings(tasks=args.task, device=args.device, quiet=True,  # its memo: each split encoded once
+                        probe_iterations=args.probe_iterations)
     reports = []
     for dataset in open_eval_datasets(args, model.config.image_size):
         report = {"name": dataset.name, "splits": {}}
         if "zeroshot" in args.task:
             report["zeroshot"] = run_zeroshot(model, identity, dataset, settings, report)
         if "linear-probe" in args.task:
-            report["linear-probe"] = probe(model, identity, dataset, settings, args.probe_iterations)
+            report["linear-probe"] = run_linear_probe(model, identity, dataset, settings, report)
         reports.append(report)
     metrics = {f"{task}/{r['name']}": r[task]["top1"] for r in reports for task in args.task}
     return metrics, reports, model.config, sum(p.numel() for p in model.parameters())

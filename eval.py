@@ -772,6 +772,7 @@ class Settings:
     train_split: str = "train"
     val_split: str = None
     val_fraction: float = 0.2
+    probe_iterations: int = 1000  # L-BFGS iterations per linear-probe fit
     device: str = "cpu"
     precision: str = "fp32"
     batch_size: int = 64
@@ -838,7 +839,7 @@ def run_linear_probe(model, model_id, dataset, settings, report):
     log = None if settings.quiet else lambda line: sys.stderr.write(f"{dataset.name} linear probe:{line}\n")
     result = linear_probe(train["features"], check_labels(train, num_classes, dataset, train_split), test["features"],
                           check_labels(test, num_classes, dataset, test_split), **val, val_fraction=settings.val_fraction,
-                          seed=settings.seed, device=settings.device, log=log)
+                          seed=settings.seed, device=settings.device, max_iter=settings.probe_iterations, log=log)
     report["splits"][train_split] = split_report(train)
     report["splits"][test_split] = split_report(test)
     return {**result, "split": test_split, "train_split": train_split}
