@@ -16,6 +16,12 @@ Real data (CSV/TSV of image path + caption, or img2dataset WebDataset shards), Z
     deepspeed --hostfile hostfile train_ds.py --preset msclip-s-b16 \\
         --train_data "shards/{00000..01023}.tar" --train_samples 10000000 --zero_stage 3 --precision bf16
 
+srun, mpirun and torchrun start it as well (one process per GPU; rank, world size and local rank are
+read from whichever launcher's variables are set, see LAUNCHERS):
+
+    srun python train_ds.py --preset msclip-s-b16 --train_data "shards/{00000..01023}.tar" ...
+    mpirun -np 16 -H node1:8,node2:8 -x MASTER_ADDR=node1 python train_ds.py ...
+
 Stop it any time and continue exactly where it was with --resume (same output folder); turn the
 latest checkpoint into one fp32 file for msclip.load_checkpoint / eval.py with --export:
 
@@ -148,6 +154,9 @@ def build_parser():
     a = p.add_argument_group("DeepSpeed").add_argument
     a("--deepspeed_config", default=os.path.join(HERE, "ds_config.json"))
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    a("--timeout_minutes", type=float, default=float(os.environ.get("DEEPSPEED_TIMEOUT", 60)),
+      help="how long a rank waits for the others in a collective before the job fails (default: $DEEPSPEED_TIMEOUT "
+           "or 60; room for an ImageNet-size evaluation and for writing large checkpoints to a shared file system)")
     a("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -378,14 +387,67 @@ def free_port():
         return s.getsockname()[1]
 
 
-def init_distributed():
-    """Join (or, under plain `python`, create) the process group: nccl on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # plain `python train_ds.py`: one process
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+# Where each launcher puts (global rank, world size, local rank, processes on this node), in
+# OpenCLIP's order: torchrun / deepspeed / torch.distributed.launch, then srun, mpirun (OpenMPI),
+# and other PMI-based MPIs (MPICH, Intel MPI).
+LAUNCHERS = (("torchrun or deepspeed", ("RANK", "WORLD_SIZE", "LOCAL_RANK", ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"))),
+             ("srun", ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+                       ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"))),
+             ("mpirun", ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                         ("OMPI_COMM_WORLD_LOCAL_SIZE",))),
+             ("MPI (PMI)", ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", ("MPI_LOCALNRANKS",))))
+DEFAULT_MASTER_PORT = 29500
+
+
+def first_host(nodelist):
+    """The first host of a SLURM node list in its compressed form: 'gpu[003-010,017],cpu1' -> 'gpu003'
+    (every bracket of the first entry replaced by its first number, zero padding kept)."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end].strip())
+
+
+def launcher_environment(env):
+    """(launcher name or None, the variables torch.distributed reads: RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE, MASTER_ADDR and, when known, MASTER_PORT) for this process, from whichever
+    launcher started it (see LAUNCHERS), or one process when none did. Raises ValueError saying what
+    to export when the rendezvous address cannot be known."""
+    found = next(((name, keys) for name, keys in LAUNCHERS if keys[0] in env and keys[1] in env), None)
+    if found is None:  # plain `python train_ds.py`: one process, on a free port
+        alone = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1")}
+        return None, {**alone, **({"MASTER_PORT": env["MASTER_PORT"]} if "MASTER_PORT" in env else {})}
+    name, (rank, world, local, local_size) = found
+    if local not in env:
+        raise ValueError(f"{name} gave {rank} but not {local}: export LOCAL_RANK (this process's index on its node)")
+    out = {"RANK": env[rank], "WORLD_SIZE": env[world], "LOCAL_RANK": env[local]}
+    per_node = re.match(r"\d+", next((env[k] for k in local_size if env.get(k)), ""))  # SLURM: '4(x2)' -> 4
+    out["LOCAL_WORLD_SIZE"] = per_node.group(0) if per_node else "1"
+    address = env.get("MASTER_ADDR")
+    if not address and name == "srun":
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        address = first_host(nodes) if nodes else None
+    if not address and out["LOCAL_WORLD_SIZE"] == out["WORLD_SIZE"]:  # every rank on this node
+        address = "127.0.0.1"
+    if not address:
+        raise ValueError(f"started by {name} on several nodes without MASTER_ADDR: export MASTER_ADDR=<first node's "
+                         "hostname> (and MASTER_PORT, default " f"{DEFAULT_MASTER_PORT}) to every process, e.g. "
+                         "`mpirun -x MASTER_ADDR=$(hostname) -x MASTER_PORT=29500 ...`")
+    out.update(MASTER_ADDR=address, MASTER_PORT=env.get("MASTER_PORT", str(DEFAULT_MASTER_PORT)))
+    return name, out
+
+
+def init_distributed(timeout_minutes):
+    """Join (or, under plain `python`, create) the process group: nccl on GPUs, gloo on CPU. The
+    launcher's variables are in os.environ already (main() sets them from launcher_environment)."""
+    os.environ.setdefault("MASTER_PORT", str(free_port()))  # one process: any free port
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    import datetime
     import deepspeed
     from deepspeed.utils import logger
     logger.setLevel("WARNING")
@@ -393,12 +455,12 @@ def init_distributed():
         # The shared-memory all-reduce op is for inference; training never calls it. Without this the
         # first run on a machine sits 1-3 minutes compiling it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        if "OMP_NUM_THREADS" not in os.environ:  # the launcher leaves it unset: ranks would fight over cores
-            local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        if "OMP_NUM_THREADS" not in os.environ:  # launchers leave it unset: ranks would fight over cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process on its node
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
     return deepspeed
 
 
@@ -751,7 +813,8 @@ def resume_differences(saved, plan, world_size, args):
     if saved["world_size"] != world_size and plan["zero_stage"] > 0:
         blocking.append(f"ranks: saved {saved['world_size']}, now {world_size} (DeepSpeed cannot re-partition ZeRO "
                         "optimizer states: resume on as many ranks, or convert the checkpoint with ds_to_universal)")
-    ignored = {"resume", "stop_at", "local_rank", "deepspeed", "export", "checkpoint", "out_dir", "deepspeed_config"}
+    ignored = {"resume", "stop_at", "timeout_minutes", "local_rank", "deepspeed", "export", "checkpoint", "out_dir",
+               "deepspeed_config"}
     changed = [f"--{k} {saved['args'].get(k)} -> {v}" for k, v in vars(args).items()
                if k not in ignored and k in saved.get("args", {}) and json.loads(json.dumps(v)) != saved["args"][k]]
     return blocking, changed
@@ -846,12 +909,10 @@ def ignoring_stop_signals(worker_init_fn=None):
 
 
 def launcher_processes():
-    """The processes that launched this rank, to watch: its parent when a launcher started it
-    (deepspeed's launch.py, torchrun, srun, mpirun set RANK), and above launch.py the `deepspeed`
-    command, which on one node dies of a SIGTERM without passing it on. Plain `python` watches nothing
-    (a closed terminal must not stop a nohup-ed run)."""
-    if "RANK" not in os.environ:
-        return []
+    """The processes that launched this rank, to watch: its parent (deepspeed's launch.py, torchrun,
+    srun, mpirun), and above launch.py the `deepspeed` command, which on one node dies of a SIGTERM
+    without passing it on. Only called when a launcher started this process: plain `python` watches
+    nothing (a closed terminal must not stop a nohup-ed run)."""
     import psutil
     try:
         parent = psutil.Process().parent()
@@ -948,10 +1009,9 @@ def export_only(parser, args):
     print(f"exported {folder} -> {args.export}")
 
 
-def prepare(parser, args):
+def prepare(parser, args, world_size):
     """Everything checked before DeepSpeed starts, so that a bad option, folder or file fails in
     seconds: (plan, DeepSpeed config, notes for the log, training data, eval.py datasets)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
     plan, ds_config = resolve(parser, args, world_size)
     problem, notes = check_out_dir(args, plan, world_size)
     if problem:
@@ -1192,12 +1252,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.export:
         return export_only(parser, args)
-    plan, ds_config, notes, dataset, eval_sets = prepare(parser, args)
+    try:  # srun / mpirun / PMI variables as torch.distributed's (set in os.environ just before it starts)
+        launcher, variables = launcher_environment(os.environ)
+    except ValueError as e:
+        parser.error(str(e))
+    plan, ds_config, notes, dataset, eval_sets = prepare(parser, args, int(variables["WORLD_SIZE"]))
     warnings.filterwarnings("ignore", category=FutureWarning)  # ZeRO-3 and all_gather deprecation notices
 
     # Process group, then the out_dir lock and the checkpoint to resume, both decided by rank 0
-    launchers = launcher_processes()  # before init_distributed, which sets RANK for plain `python`
-    deepspeed = init_distributed()
+    os.environ.update(variables)
+    launchers = launcher_processes() if launcher else []
+    deepspeed = init_distributed(args.timeout_minutes)
     import torch.distributed as dist
     rank, world_size = dist.get_rank(), dist.get_world_size()
     control = dist.new_group(backend="gloo")  # host-side agreement (stop, checkpoint errors) without device syncs
