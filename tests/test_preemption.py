@@ -289,7 +289,9 @@ def test_export_message_names_the_object(runs, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 
 def main_error(argv_, monkeypatch, capsys, world_size=2):
-    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", str(world_size)),
+                       ("MASTER_ADDR", "127.0.0.1")):  # as a launcher of world_size ranks sets them
+        monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit) as exit_info:
         train_ds.main(argv_)
     assert exit_info.value.code == 2
