@@ -732,6 +732,25 @@ def consolidated_state_dict(folder):
     return state, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
 
 
+def convert_to_universal(folder, target):
+    """DeepSpeed's own re-partitioning: ds_to_universal turns the ZeRO-1/2/3 checkpoint in `folder` into
+    one file per parameter and optimizer state in `target` (written in `target`.tmp, then renamed),
+    which an engine of any world size loads with "checkpoint": {"load_universal": true}."""
+    from deepspeed.checkpoint import ds_to_universal
+    partial = target + ".tmp"
+    shutil.rmtree(partial, ignore_errors=True)
+    workers = max(1, min(8, (os.cpu_count() or 1) // 2))  # processes; 1 = in this process
+    options = types.SimpleNamespace(input_folder=folder, output_folder=partial, num_extract_workers=workers,
+                                    num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                                    inject_missing_state=True)  # msclip is not Megatron: no universal info saved
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(options)
+    shutil.copy2(os.path.join(folder, MARKER), partial)  # marks the conversion complete
+    fsync_path(partial)
+    os.replace(partial, target)
+    write_atomic(os.path.join(folder, "latest_universal"), os.path.basename(target))  # it named the .tmp folder
+
+
 def export(folder, path):
     """Write the checkpoint in `folder` as msclip.save_checkpoint does ({"msclip_config", "state_dict"}),
     checked by loading it strictly into the model. Returns the model."""
@@ -810,13 +829,14 @@ def resume_differences(saved, plan, world_size, args):
     for key in ("zero_stage", "precision"):
         if saved[key] != plan[key]:
             blocking.append(f"{key}: saved {saved[key]}, requested {plan[key]}")
-    if saved["world_size"] != world_size and plan["zero_stage"] > 0:
-        blocking.append(f"ranks: saved {saved['world_size']}, now {world_size} (DeepSpeed cannot re-partition ZeRO "
-                        "optimizer states: resume on as many ranks, or convert the checkpoint with ds_to_universal)")
     ignored = {"resume", "stop_at", "timeout_minutes", "local_rank", "deepspeed", "export", "checkpoint", "out_dir",
                "deepspeed_config"}
     changed = [f"--{k} {saved['args'].get(k)} -> {v}" for k, v in vars(args).items()
                if k not in ignored and k in saved.get("args", {}) and json.loads(json.dumps(v)) != saved["args"][k]]
+    if saved["world_size"] != world_size:
+        changed.append(f"ranks {saved['world_size']} -> {world_size}" + (
+            " (the checkpoint is converted to DeepSpeed's universal format to re-partition ZeRO's states)"
+            if plan["zero_stage"] > 0 else ""))
     return blocking, changed
 
 
@@ -1059,7 +1079,35 @@ def build_engine(run, deepspeed, ds_config, dataset):
                          f"later); DeepSpeed {deepspeed.__version__} would train in fp32")
 
 
-def resume(run, tag):
+def resume_source(run, tag, ds_config):
+    """Where resume() loads checkpoint `tag` from: (folder, tag) as saved, or, when it was saved at
+    ZeRO >= 1 on another number of ranks (DeepSpeed's load_checkpoint refuses those), its universal
+    conversion (rank 0 converts once, into the checkpoint's `universal` subfolder), with ds_config
+    set to load it. Call before build_engine."""
+    root = checkpoint_root(run.args.out_dir)
+    if not tag:
+        return root, tag
+    folder = os.path.join(root, tag)
+    with open(os.path.join(folder, MARKER)) as f:
+        saved = json.load(f)["world_size"]
+    if saved == run.world_size or run.plan["zero_stage"] == 0:
+        return root, tag
+    problem = None
+    if run.master and not os.path.isfile(os.path.join(folder, "universal", MARKER)):
+        run.log(f"{folder} was saved on {saved} ranks, resuming on {run.world_size}: converting it to DeepSpeed's "
+                f"universal checkpoint format in {folder}/universal")
+        try:
+            convert_to_universal(folder, os.path.join(folder, "universal"))
+        except Exception as e:  # noqa: BLE001  every rank must hear of it, or they would wait in a collective
+            problem = f"converting {folder} with deepspeed.checkpoint.ds_to_universal failed: {e!r}"
+    problem = agree(problem, run.control)
+    if problem:
+        raise SystemExit(problem)
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return folder, "universal"
+
+
+def resume(run, tag, source):
     """The run's progress: from checkpoint `tag`, or a fresh start when it is None. Progress is what
     a checkpoint saves besides DeepSpeed's state: the step, the micro-batches consumed (map-style
     data), each DataLoader worker's WebDataset stream position and the skipped-sample counts."""
@@ -1069,7 +1117,16 @@ def resume(run, tag):
         if run.args.resume:
             run.log(f"--resume: no checkpoint in {out}, starting from scratch")
         return progress
-    _, client = run.engine.load_checkpoint(out, tag=tag)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in run.engine.optimizer.param_groups]
+    _, client = run.engine.load_checkpoint(*source)
+    if source[1] == "universal":  # two repairs after DeepSpeed's ZeRO-3 universal load (0.19.7, 0.19.8):
+        # it gives every group group 0's settings (MS-CLIP's differ in weight decay and lr; lr as scheduled)
+        for group, settings, lr in zip(run.engine.optimizer.param_groups, groups, run.schedule.get_last_lr()):
+            group.update(settings, lr=lr)
+        # and one Adam step-count tensor to all groups, which AdamW increments in place once per group
+        for state in run.engine.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     progress.update(step=client["step"], micro_batches=client["micro_batches"], skipped=dict(client.get("skipped", {})),
                     saved_step=client["step"])
     if client["world_size"] == run.world_size:
@@ -1282,8 +1339,9 @@ def main(argv=None):
         run.log(note)
 
     # Model and engine, resume, data
+    source = resume_source(run, resume_tag, ds_config)
     build_engine(run, deepspeed, ds_config, dataset)
-    progress = resume(run, resume_tag)
+    progress = resume(run, resume_tag, source)
     loader = data.train_loader(dataset, plan["micro"], rank, world_size, plan["workers"], args.seed,
                                progress["micro_batches"], dict(progress["stream"]), plan["groups"],
                                pin_memory=device.type == "cuda", log=run.log)

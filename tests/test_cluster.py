@@ -13,12 +13,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from test_train_ds import EQUAL, equal_argv, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import msclip  # noqa: E402
 import train_ds  # noqa: E402
 import _train_runs  # noqa: E402
 
@@ -93,12 +95,11 @@ def base_env(tmp):
     return env
 
 
-def start(tmp, name, per_process):
+def start(tmp, name, per_process, runs):
     """Start one process per entry of per_process ((command, extra environment)), all running the same
-    spec; wait for all. Returns (rank 0's results, {rank: variables it used}, [each process's output])."""
-    out_dir = str(tmp / name)
+    runs; wait for all. Returns (rank 0's results, {rank: variables it used}, [each process's output])."""
     spec, result = tmp / f"{name}.json", tmp / f"{name}_result.json"
-    spec.write_text(json.dumps({"result": str(result), "runs": [{"name": "run", "argv": equal_argv(out_dir, 2, 2)}]}))
+    spec.write_text(json.dumps({"result": str(result), "runs": runs}))
     procs = [subprocess.Popen([*command, HELPER, str(spec)], cwd=tmp, env={**base_env(tmp), **extra},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for command, extra in per_process]
@@ -113,8 +114,12 @@ def start(tmp, name, per_process):
     for i, (proc, output) in enumerate(zip(procs, outputs)):
         (tmp / f"{name}_{i}.log").write_text(output)
         assert proc.returncode == 0, f"process {i} of {name}:\n{output[-5000:]}"
-    seen = {r: json.loads((tmp / f"{name}_result.json.env{r}").read_text()) for r in range(2)}
-    return json.loads(result.read_text())["run"], seen, outputs, out_dir
+    seen = {r: json.loads((tmp / f"{name}_result.json.env{r}").read_text()) for r in range(len(per_process))}
+    return json.loads(result.read_text()), seen, outputs
+
+
+def resized(tmp, stage):
+    return str(tmp / f"resize{stage}")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +138,18 @@ def launches(tmp_path_factory):
     torchrun = shutil.which("torchrun") or "torchrun"
     nodes = [([torchrun, "--nnodes", "2", "--node_rank", str(n), "--nproc_per_node", "1", "--master_addr",
                "127.0.0.1", "--master_port", port], {}) for n in range(2)]
-    return {name: start(tmp, name, spec) for name, spec in (("srun", slurm), ("mpirun", ompi), ("two_nodes", nodes))}
+    # Besides the 5-step run, the srun and mpirun jobs save ZeRO-1/2/3 checkpoints at step 2 of the same
+    # training, which one process then resumes (with the same 16 pairs per micro-batch: 16 x 1 rank)
+    run = lambda name: {"name": "run", "argv": equal_argv(str(tmp / name), 2, 2)}  # noqa: E731
+    part = lambda s: {"name": f"resize{s}", "argv": equal_argv(resized(tmp, s), 2, s) + ["--stop_at", "2"]}  # noqa: E731
+    launched = {"srun": start(tmp, "srun", slurm, [run("srun"), part(1), part(2)]),
+                "mpirun": start(tmp, "mpirun", ompi, [run("mpirun"), part(3)]),
+                "two_nodes": start(tmp, "two_nodes", nodes, [run("two_nodes")])}
+    saved = {s: train_ds.consolidated_state_dict(os.path.join(resized(tmp, s), "checkpoints", "step_00000002"))[1]
+             for s in (1, 2, 3)}  # before the resumed runs add their checkpoints
+    one = [{"name": f"resize{s}", "argv": equal_argv(resized(tmp, s), 1, s) + ["--resume"]} for s in (1, 2, 3)]
+    launched["one_rank"] = start(tmp, "one_rank", [(python, {})], one)
+    return launched, saved
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +165,8 @@ def reference():
 def test_launcher_gives_one_two_rank_job(launches, reference, launcher):
     """One process group of 2 ranks, each rank on its own data shard: the losses and logit scales of
     plain PyTorch holding the global batch of 16 pairs."""
-    run, seen, outputs, out_dir = launches[launcher]
+    results, seen, outputs = launches[0][launcher]
+    run = results["run"]
     assert [seen[r]["WORLD_SIZE"] for r in range(2)] == ["2", "2"]
     assert run["steps"] == list(range(1, EQUAL["steps"] + 1))
     assert run["losses"] == pytest.approx(reference["losses"], abs=1e-5)
@@ -158,7 +175,7 @@ def test_launcher_gives_one_two_rank_job(launches, reference, launcher):
 
 
 def test_srun_derives_master_addr_from_nodelist(launches):
-    _, seen, _, _ = launches["srun"]
+    _, seen, _ = launches[0]["srun"]
     assert seen[0]["MASTER_ADDR"] == seen[1]["MASTER_ADDR"] == "127.0.0.1"  # first host of 127.0.0.[1-2]
     assert [seen[r]["LOCAL_RANK"] for r in range(2)] == ["0", "1"]
 
@@ -166,7 +183,8 @@ def test_srun_derives_master_addr_from_nodelist(launches):
 def test_two_nodes_use_local_and_global_rank(launches):
     """Each "node" runs local rank 0 (the device index: cuda:LOCAL_RANK on GPUs) while the global ranks
     are 0 and 1; the checkpoint holds both ranks' ZeRO shards; only global rank 0 logs."""
-    run, seen, outputs, out_dir = launches["two_nodes"]
+    results, seen, outputs = launches[0]["two_nodes"]
+    run = results["run"]
     assert [(seen[r]["RANK"], seen[r]["LOCAL_RANK"], seen[r]["LOCAL_WORLD_SIZE"]) for r in range(2)] == [
         ("0", "0", "1"), ("1", "0", "1")]
     folder = run["checkpoint"]
@@ -174,3 +192,28 @@ def test_two_nodes_use_local_and_global_rank(launches):
     assert shards == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)]
     assert sum(line.startswith("step ") for line in outputs[0].splitlines()) == EQUAL["steps"]
     assert not [line for line in outputs[1].splitlines() if line.startswith(("step ", "done:", "MS-CLIP"))]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_on_fewer_ranks(launches, reference, stage):
+    """A ZeRO checkpoint of 2 ranks resumed by 1 (DeepSpeed refuses this without the universal
+    conversion): the converted fp32 weights are the consolidated checkpoint's, and steps 3-5 continue
+    plain PyTorch's uninterrupted run (weights, Adam moments, schedule, logit scale and data position
+    all carried over: a sample seen twice or a restarted schedule would change the losses)."""
+    launched, saved = launches
+    results, _, outputs = launched["one_rank"]
+    run = results[f"resize{stage}"]
+    assert "converting it to DeepSpeed's universal checkpoint format" in outputs[0]
+    assert run["steps"] == list(range(1, EQUAL["steps"] + 1))
+    assert run["losses"] == pytest.approx(reference["losses"], abs=1e-5)
+    assert run["logit_scales"] == pytest.approx(reference["logit_scales"], abs=1e-5)
+    assert run["losses"][2:] != pytest.approx(run["losses"][1:-1], abs=1e-3), "the resumed run did not train"
+    universal = os.path.join(launched["one_rank"][0][f"resize{stage}"]["checkpoint"], "..", "step_00000002",
+                             "universal", "zero")
+    with open(os.path.join(universal, "..", "..", "latest_universal")) as f:
+        assert f.read() == "universal"  # DeepSpeed's own pointer, for load_checkpoint(tag=None)
+    parameters = [n for n, _ in msclip.create_model(EQUAL["preset"], layers=EQUAL["layers"]).named_parameters()]
+    for name in parameters:
+        converted = torch.load(os.path.join(universal, name, "fp32.pt"), weights_only=True)
+        converted = converted["param"] if isinstance(converted, dict) else converted  # ZeRO-3: the tensor alone
+        assert torch.equal(converted.reshape(saved[stage][name].shape), saved[stage][name]), name
