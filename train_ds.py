@@ -16,6 +16,12 @@ Real data (CSV/TSV of image path + caption, or img2dataset WebDataset shards), Z
     deepspeed --hostfile hostfile train_ds.py --preset msclip-s-b16 \\
         --train_data "shards/{00000..01023}.tar" --train_samples 10000000 --zero_stage 3 --precision bf16
 
+srun, mpirun and torchrun start it as well (one process per GPU; rank, world size and local rank are
+read from whichever launcher's variables are set, see LAUNCHERS):
+
+    srun python train_ds.py --preset msclip-s-b16 --train_data "shards/{00000..01023}.tar" ...
+    mpirun -np 16 -H node1:8,node2:8 -x MASTER_ADDR=node1 python train_ds.py ...
+
 Stop it any time and continue exactly where it was with --resume (same output folder); turn the
 latest checkpoint into one fp32 file for msclip.load_checkpoint / eval.py with --export:
 
@@ -148,6 +154,9 @@ def build_parser():
     a = p.add_argument_group("DeepSpeed").add_argument
     a("--deepspeed_config", default=os.path.join(HERE, "ds_config.json"))
     a("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    a("--timeout_minutes", type=float, default=float(os.environ.get("DEEPSPEED_TIMEOUT", 60)),
+      help="how long a rank waits for the others in a collective before the job fails (default: $DEEPSPEED_TIMEOUT "
+           "or 60; room for an ImageNet-size evaluation and for writing large checkpoints to a shared file system)")
     a("--deepspeed", action="store_true", help=argparse.SUPPRESS)
     return p
 
@@ -378,14 +387,67 @@ def free_port():
         return s.getsockname()[1]
 
 
-def init_distributed():
-    """Join (or, under plain `python`, create) the process group: nccl on GPUs, gloo on CPU."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # plain `python train_ds.py`: one process
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+# Where each launcher puts (global rank, world size, local rank, processes on this node), in
+# OpenCLIP's order: torchrun / deepspeed / torch.distributed.launch, then srun, mpirun (OpenMPI),
+# and other PMI-based MPIs (MPICH, Intel MPI).
+LAUNCHERS = (("torchrun or deepspeed", ("RANK", "WORLD_SIZE", "LOCAL_RANK", ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"))),
+             ("srun", ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+                       ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"))),
+             ("mpirun", ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                         ("OMPI_COMM_WORLD_LOCAL_SIZE",))),
+             ("MPI (PMI)", ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", ("MPI_LOCALNRANKS",))))
+DEFAULT_MASTER_PORT = 29500
+
+
+def first_host(nodelist):
+    """The first host of a SLURM node list in its compressed form: 'gpu[003-010,017],cpu1' -> 'gpu003'
+    (every bracket of the first entry replaced by its first number, zero padding kept)."""
+    depth, end = 0, len(nodelist)
+    for i, c in enumerate(nodelist):
+        depth += (c == "[") - (c == "]")
+        if c == "," and depth == 0:
+            end = i
+            break
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end].strip())
+
+
+def launcher_environment(env):
+    """(launcher name or None, the variables torch.distributed reads: RANK, WORLD_SIZE, LOCAL_RANK,
+    LOCAL_WORLD_SIZE, MASTER_ADDR and, when known, MASTER_PORT) for this process, from whichever
+    launcher started it (see LAUNCHERS), or one process when none did. Raises ValueError saying what
+    to export when the rendezvous address cannot be known."""
+    found = next(((name, keys) for name, keys in LAUNCHERS if keys[0] in env and keys[1] in env), None)
+    if found is None:  # plain `python train_ds.py`: one process, on a free port
+        alone = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                 "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1")}
+        return None, {**alone, **({"MASTER_PORT": env["MASTER_PORT"]} if "MASTER_PORT" in env else {})}
+    name, (rank, world, local, local_size) = found
+    if local not in env:
+        raise ValueError(f"{name} gave {rank} but not {local}: export LOCAL_RANK (this process's index on its node)")
+    out = {"RANK": env[rank], "WORLD_SIZE": env[world], "LOCAL_RANK": env[local]}
+    per_node = re.match(r"\d+", next((env[k] for k in local_size if env.get(k)), ""))  # SLURM: '4(x2)' -> 4
+    out["LOCAL_WORLD_SIZE"] = per_node.group(0) if per_node else "1"
+    address = env.get("MASTER_ADDR")
+    if not address and name == "srun":
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        address = first_host(nodes) if nodes else None
+    if not address and out["LOCAL_WORLD_SIZE"] == out["WORLD_SIZE"]:  # every rank on this node
+        address = "127.0.0.1"
+    if not address:
+        raise ValueError(f"started by {name} on several nodes without MASTER_ADDR: export MASTER_ADDR=<first node's "
+                         "hostname> (and MASTER_PORT, default " f"{DEFAULT_MASTER_PORT}) to every process, e.g. "
+                         "`mpirun -x MASTER_ADDR=$(hostname) -x MASTER_PORT=29500 ...`")
+    out.update(MASTER_ADDR=address, MASTER_PORT=env.get("MASTER_PORT", str(DEFAULT_MASTER_PORT)))
+    return name, out
+
+
+def init_distributed(timeout_minutes):
+    """Join (or, under plain `python`, create) the process group: nccl on GPUs, gloo on CPU. The
+    launcher's variables are in os.environ already (main() sets them from launcher_environment)."""
+    os.environ.setdefault("MASTER_PORT", str(free_port()))  # one process: any free port
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    import datetime
     import deepspeed
     from deepspeed.utils import logger
     logger.setLevel("WARNING")
@@ -393,12 +455,12 @@ def init_distributed():
         # The shared-memory all-reduce op is for inference; training never calls it. Without this the
         # first run on a machine sits 1-3 minutes compiling it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        if "OMP_NUM_THREADS" not in os.environ:  # the launcher leaves it unset: ranks would fight over cores
-            local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1)))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        if "OMP_NUM_THREADS" not in os.environ:  # launchers leave it unset: ranks would fight over cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process on its node
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                               timeout=datetime.timedelta(minutes=timeout_minutes))
     return deepspeed
 
 
@@ -670,6 +732,25 @@ def consolidated_state_dict(folder):
     return state, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
 
 
+def convert_to_universal(folder, target):
+    """DeepSpeed's own re-partitioning: ds_to_universal turns the ZeRO-1/2/3 checkpoint in `folder` into
+    one file per parameter and optimizer state in `target` (written in `target`.tmp, then renamed),
+    which an engine of any world size loads with "checkpoint": {"load_universal": true}."""
+    from deepspeed.checkpoint import ds_to_universal
+    partial = target + ".tmp"
+    shutil.rmtree(partial, ignore_errors=True)
+    workers = max(1, min(8, (os.cpu_count() or 1) // 2))  # processes; 1 = in this process
+    options = types.SimpleNamespace(input_folder=folder, output_folder=partial, num_extract_workers=workers,
+                                    num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
+                                    inject_missing_state=True)  # msclip is not Megatron: no universal info saved
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(options)
+    shutil.copy2(os.path.join(folder, MARKER), partial)  # marks the conversion complete
+    fsync_path(partial)
+    os.replace(partial, target)
+    write_atomic(os.path.join(folder, "latest_universal"), os.path.basename(target))  # it named the .tmp folder
+
+
 def export(folder, path):
     """Write the checkpoint in `folder` as msclip.save_checkpoint does ({"msclip_config", "state_dict"}),
     checked by loading it strictly into the model. Returns the model."""
@@ -748,12 +829,14 @@ def resume_differences(saved, plan, world_size, args):
     for key in ("zero_stage", "precision"):
         if saved[key] != plan[key]:
             blocking.append(f"{key}: saved {saved[key]}, requested {plan[key]}")
-    if saved["world_size"] != world_size and plan["zero_stage"] > 0:
-        blocking.append(f"ranks: saved {saved['world_size']}, now {world_size} (DeepSpeed cannot re-partition ZeRO "
-                        "optimizer states: resume on as many ranks, or convert the checkpoint with ds_to_universal)")
-    ignored = {"resume", "stop_at", "local_rank", "deepspeed", "export", "checkpoint", "out_dir", "deepspeed_config"}
+    ignored = {"resume", "stop_at", "timeout_minutes", "local_rank", "deepspeed", "export", "checkpoint", "out_dir",
+               "deepspeed_config"}
     changed = [f"--{k} {saved['args'].get(k)} -> {v}" for k, v in vars(args).items()
                if k not in ignored and k in saved.get("args", {}) and json.loads(json.dumps(v)) != saved["args"][k]]
+    if saved["world_size"] != world_size:
+        changed.append(f"ranks {saved['world_size']} -> {world_size}" + (
+            " (the checkpoint is converted to DeepSpeed's universal format to re-partition ZeRO's states)"
+            if plan["zero_stage"] > 0 else ""))
     return blocking, changed
 
 
@@ -846,12 +929,10 @@ def ignoring_stop_signals(worker_init_fn=None):
 
 
 def launcher_processes():
-    """The processes that launched this rank, to watch: its parent when a launcher started it
-    (deepspeed's launch.py, torchrun, srun, mpirun set RANK), and above launch.py the `deepspeed`
-    command, which on one node dies of a SIGTERM without passing it on. Plain `python` watches nothing
-    (a closed terminal must not stop a nohup-ed run)."""
-    if "RANK" not in os.environ:
-        return []
+    """The processes that launched this rank, to watch: its parent (deepspeed's launch.py, torchrun,
+    srun, mpirun), and above launch.py the `deepspeed` command, which on one node dies of a SIGTERM
+    without passing it on. Only called when a launcher started this process: plain `python` watches
+    nothing (a closed terminal must not stop a nohup-ed run)."""
     import psutil
     try:
         parent = psutil.Process().parent()
@@ -948,10 +1029,9 @@ def export_only(parser, args):
     print(f"exported {folder} -> {args.export}")
 
 
-def prepare(parser, args):
+def prepare(parser, args, world_size):
     """Everything checked before DeepSpeed starts, so that a bad option, folder or file fails in
     seconds: (plan, DeepSpeed config, notes for the log, training data, eval.py datasets)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
     plan, ds_config = resolve(parser, args, world_size)
     problem, notes = check_out_dir(args, plan, world_size)
     if problem:
@@ -999,7 +1079,35 @@ def build_engine(run, deepspeed, ds_config, dataset):
                          f"later); DeepSpeed {deepspeed.__version__} would train in fp32")
 
 
-def resume(run, tag):
+def resume_source(run, tag, ds_config):
+    """Where resume() loads checkpoint `tag` from: (folder, tag) as saved, or, when it was saved at
+    ZeRO >= 1 on another number of ranks (DeepSpeed's load_checkpoint refuses those), its universal
+    conversion (rank 0 converts once, into the checkpoint's `universal` subfolder), with ds_config
+    set to load it. Call before build_engine."""
+    root = checkpoint_root(run.args.out_dir)
+    if not tag:
+        return root, tag
+    folder = os.path.join(root, tag)
+    with open(os.path.join(folder, MARKER)) as f:
+        saved = json.load(f)["world_size"]
+    if saved == run.world_size or run.plan["zero_stage"] == 0:
+        return root, tag
+    problem = None
+    if run.master and not os.path.isfile(os.path.join(folder, "universal", MARKER)):
+        run.log(f"{folder} was saved on {saved} ranks, resuming on {run.world_size}: converting it to DeepSpeed's "
+                f"universal checkpoint format in {folder}/universal")
+        try:
+            convert_to_universal(folder, os.path.join(folder, "universal"))
+        except Exception as e:  # noqa: BLE001  every rank must hear of it, or they would wait in a collective
+            problem = f"converting {folder} with deepspeed.checkpoint.ds_to_universal failed: {e!r}"
+    problem = agree(problem, run.control)
+    if problem:
+        raise SystemExit(problem)
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return folder, "universal"
+
+
+def resume(run, tag, source):
     """The run's progress: from checkpoint `tag`, or a fresh start when it is None. Progress is what
     a checkpoint saves besides DeepSpeed's state: the step, the micro-batches consumed (map-style
     data), each DataLoader worker's WebDataset stream position and the skipped-sample counts."""
@@ -1009,7 +1117,16 @@ def resume(run, tag):
         if run.args.resume:
             run.log(f"--resume: no checkpoint in {out}, starting from scratch")
         return progress
-    _, client = run.engine.load_checkpoint(out, tag=tag)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in run.engine.optimizer.param_groups]
+    _, client = run.engine.load_checkpoint(*source)
+    if source[1] == "universal":  # two repairs after DeepSpeed's ZeRO-3 universal load (0.19.7, 0.19.8):
+        # it gives every group group 0's settings (MS-CLIP's differ in weight decay and lr; lr as scheduled)
+        for group, settings, lr in zip(run.engine.optimizer.param_groups, groups, run.schedule.get_last_lr()):
+            group.update(settings, lr=lr)
+        # and one Adam step-count tensor to all groups, which AdamW increments in place once per group
+        for state in run.engine.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
     progress.update(step=client["step"], micro_batches=client["micro_batches"], skipped=dict(client.get("skipped", {})),
                     saved_step=client["step"])
     if client["world_size"] == run.world_size:
@@ -1192,12 +1309,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.export:
         return export_only(parser, args)
-    plan, ds_config, notes, dataset, eval_sets = prepare(parser, args)
+    try:  # srun / mpirun / PMI variables as torch.distributed's (set in os.environ just before it starts)
+        launcher, variables = launcher_environment(os.environ)
+    except ValueError as e:
+        parser.error(str(e))
+    plan, ds_config, notes, dataset, eval_sets = prepare(parser, args, int(variables["WORLD_SIZE"]))
     warnings.filterwarnings("ignore", category=FutureWarning)  # ZeRO-3 and all_gather deprecation notices
 
     # Process group, then the out_dir lock and the checkpoint to resume, both decided by rank 0
-    launchers = launcher_processes()  # before init_distributed, which sets RANK for plain `python`
-    deepspeed = init_distributed()
+    os.environ.update(variables)
+    launchers = launcher_processes() if launcher else []
+    deepspeed = init_distributed(args.timeout_minutes)
     import torch.distributed as dist
     rank, world_size = dist.get_rank(), dist.get_world_size()
     control = dist.new_group(backend="gloo")  # host-side agreement (stop, checkpoint errors) without device syncs
@@ -1217,8 +1339,9 @@ def main(argv=None):
         run.log(note)
 
     # Model and engine, resume, data
+    source = resume_source(run, resume_tag, ds_config)
     build_engine(run, deepspeed, ds_config, dataset)
-    progress = resume(run, resume_tag)
+    progress = resume(run, resume_tag, source)
     loader = data.train_loader(dataset, plan["micro"], rank, world_size, plan["workers"], args.seed,
                                progress["micro_batches"], dict(progress["stream"]), plan["groups"],
                                pin_memory=device.type == "cuda", log=run.log)

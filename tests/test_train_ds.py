@@ -340,7 +340,8 @@ def test_bad_options_rejected_before_deepspeed(argv, message, capsys, monkeypatc
 
 
 def test_batch_must_divide_over_ranks(capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("WORLD_SIZE", "3")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "3"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit):
         train_ds.main(["--global_batch_size", "64", "--batch_size", "16", "--out_dir", str(tmp_path)])
     assert "3 ranks" in capsys.readouterr().err
