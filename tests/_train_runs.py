@@ -69,7 +69,7 @@ def reference(o):
         with torch.no_grad():
             model.logit_scale.clamp_(max=math.log(100))
         losses.append(total / o["accum"])
-        scales.append(float(model.logit_scale))
+        scales.append(model.logit_scale.item())
     return {"losses": losses, "logit_scales": scales, "grad_norms": norms}
 
 
