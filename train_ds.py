@@ -75,6 +75,13 @@ def int_list(text):
 def build_parser():
     p = argparse.ArgumentParser(description="Pre-train MS-CLIP with DeepSpeed (see the module docstring for launch "
                                             "commands). Options left unset come from ds_config.json, then from defaults.")
+    add_model_and_data_options(p)
+    add_optimisation_options(p)
+    add_run_options(p)
+    return p
+
+
+def add_model_and_data_options(p):
     a = p.add_argument_group("model").add_argument
     a("--preset", default=None, help=f"msclip.PRESETS name: {', '.join(msclip.PRESETS)}. Default: {DEFAULT_PRESET} "
                                      f"with {DEMO_OVERRIDES} (the CPU demo)")
@@ -105,6 +112,8 @@ def build_parser():
     a("--interleave_shards", type=int, default=8, help="WebDataset: shards each worker reads at once, drawing samples "
                                                        "from them at random (a resume re-reads at most these)")
 
+
+def add_optimisation_options(p):
     a = p.add_argument_group("optimisation (unset values come from ds_config.json)").add_argument
     a("--steps", type=int, help=f"optimizer steps in all (default: --epochs, or {DEMO_STEPS} on the built-in data)")
     a("--epochs", type=int, help="passes over the data (default 1 for CSV and WebDataset)")
@@ -129,6 +138,9 @@ def build_parser():
       help="set any ds_config value, e.g. zero_optimization.stage3_param_persistence_threshold=0 (repeatable)")
     a("--seed", type=int, default=0)
 
+
+def add_run_options(p):
+    """Checkpoints, monitoring, DeepSpeed."""
     a = p.add_argument_group("checkpoints").add_argument
     a("--out_dir", default="out", help="checkpoints, metrics.jsonl, DeepSpeed monitor files and the exported weights")
     a("--save_every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
@@ -158,7 +170,6 @@ def build_parser():
       help="how long a rank waits for the others in a collective before the job fails (default: $DEEPSPEED_TIMEOUT "
            "or 60; room for an ImageNet-size evaluation and for writing large checkpoints to a shared file system)")
     a("--deepspeed", action="store_true", help=argparse.SUPPRESS)
-    return p
 
 
 def set_path(config, dotted, value):
