@@ -340,19 +340,22 @@ def autocast(device, precision):
 
 
 @torch.no_grad()
-def encode_texts(model, texts, device="cpu", precision="fp32", batch_size=256, official_truncation=False):
-    """Normalised text embeddings [N, D] (fp32, on the CPU). Tokens are trimmed on the host."""
+def encode_texts(model, texts, device="cpu", precision="fp32", batch_size=256, official_truncation=False, group=None):
+    """Normalised text embeddings [N, D] (fp32, on the CPU). Tokens are trimmed on the host. With a
+    process group, each rank encodes its block of the texts (see gather_from_ranks)."""
+    start, stop = rank_block(len(texts), group)
     out = []
-    for i in range(0, len(texts), batch_size):
-        tokens = msclip.tokenize(texts[i:i + batch_size], model.config.context_length,
+    for i in range(start, stop, batch_size):
+        tokens = msclip.tokenize(texts[i:min(i + batch_size, stop)], model.config.context_length,
                                  eot_when_truncated=not official_truncation)
         tokens = msclip.trim_padding(tokens).to(device)
         with autocast(device, precision):
             out.append(model.encode_text(tokens, normalize=False).float().cpu())
+    out = gather_from_ranks(out, group)
     return F.normalize(torch.cat(out), dim=-1)
 
 
-def zeroshot_classifier(model, classnames, templates, device="cpu", precision="fp32", batch_size=256):
+def zeroshot_classifier(model, classnames, templates, device="cpu", precision="fp32", batch_size=256, group=None):
     """[C, D] class embeddings: per class, every template x every synonym encoded and normalised,
     averaged, re-normalised (ARCHITECTURE §11). Prompts are tokenised like the official eval."""
     prompts, owner = [], []
@@ -361,20 +364,20 @@ def zeroshot_classifier(model, classnames, templates, device="cpu", precision="f
             for template in templates:
                 prompts.append(fill_template(template, name))
                 owner.append(c)
-    embeddings = encode_texts(model, prompts, device, precision, batch_size, official_truncation=True)
+    embeddings = encode_texts(model, prompts, device, precision, batch_size, official_truncation=True, group=group)
     sums = torch.zeros(len(classnames), embeddings.shape[1]).index_add_(0, torch.tensor(owner), embeddings)
     counts = torch.bincount(torch.tensor(owner), minlength=len(classnames))
     return F.normalize(sums / counts[:, None], dim=-1)
 
 
 @torch.no_grad()
-def zero_shot_heldout(model, image_size, seed=0, samples=512, batch=128, device="cpu"):
+def zero_shot_heldout(model, image_size, seed=0, samples=512, batch=128, device="cpu", workers=0, group=None):
     """The trainer's built-in check: zero-shot accuracy {task: fraction} on `samples` new renders of
-    data.py's held-out split, classified with data.heldout_prompts() through the eval transform."""
+    data.py's held-out split, classified with data.heldout_prompts() through the eval transform.
+    With a process group, each rank encodes its block of the renders (see encode_images)."""
     was_training = model.training
     model.eval()
     renders = data.SyntheticCaptions("heldout", length=samples, image_size=image_size, seed=seed)
-    transform = msclip.ImageTransform(image_size)
     classifiers = {}
     for task, (names, templates) in data.heldout_prompts().items():
         rows = []
@@ -382,17 +385,13 @@ def zero_shot_heldout(model, image_size, seed=0, samples=512, batch=128, device=
             tokens = msclip.trim_padding(msclip.tokenize([t.format(name) for t in templates]))
             features = model.encode_text(tokens.to(device))
             rows.append(F.normalize(features.float().mean(0), dim=-1))
-        classifiers[task] = torch.stack(rows)
-    correct = {task: 0 for task in classifiers}
-    dtype = next(model.parameters()).dtype
-    for start in range(0, samples, batch):
-        drawn = [renders.render(i) for i in range(start, min(samples, start + batch))]
-        images = torch.stack([transform(r[0]) for r in drawn]).to(device, dtype)
-        features = model.encode_image(images).float()
-        for task, column in (("shape", 2), ("colour", 3)):
-            predicted = (features @ classifiers[task].T).argmax(-1).tolist()
-            correct[task] += sum(int(p) == r[column] for p, r in zip(predicted, drawn))
+        classifiers[task] = torch.stack(rows).cpu()
+    images = data.SyntheticImages(renders, "shape", msclip.ImageTransform(image_size))
+    features = encode_images(model, images, device, "fp32", batch, workers, "held-out renders", True, group)["features"]
     model.train(was_training)
+    truth = torch.tensor([renders.labels(i) for i in range(samples)])  # (shape, colour): the features keep this order
+    correct = {task: int(((features @ classifiers[task].T).argmax(-1) == truth[:, column]).sum())
+               for task, column in (("shape", 0), ("colour", 1))}
     return {task: n / samples for task, n in correct.items()}
 
 
@@ -402,14 +401,20 @@ def _collate(batch):
 
 @torch.no_grad()   # not inference_mode: the linear probe differentiates through these features
 def encode_images(model, dataset, device="cpu", precision="fp32", batch_size=64, workers=0, what="images",
-                  quiet=False):
+                  quiet=False, group=None):
     """Unnormalised image features of a dataset yielding (image tensor or None, meta).
 
     Returns {"features" [N, D] fp32, "labels" LongTensor [N] or None, "captions" list or None,
     "skipped": count of images that could not be read, "skipped_examples": the first few, with why}.
+    Map-style datasets keep their order. With a process group, each rank encodes its part (a block
+    of a map-style dataset, every world-size-th shard of BenchmarkShards) and every rank returns the
+    whole result, so that any error is raised on every rank alike.
     """
-    total = len(dataset) if hasattr(dataset, "__len__") else None
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    part = rank_part(dataset, group)
+    total = len(part) if hasattr(part, "__len__") else None
+    # its own generator: the workers' seeds must not come from (and move) a training's random state
+    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                         generator=torch.Generator())
     features, labels, captions, skipped = [], [], [], []
     progress = Progress(f"encoding {what}", total, quiet)
     for batch in loader:
@@ -423,6 +428,9 @@ def encode_images(model, dataset, device="cpu", precision="fp32", batch_size=64,
             captions += [meta.get("captions") for _, meta in good]
         progress.update(len(batch))
     progress.close(f", {len(skipped)} skipped" if skipped else "")
+    if group is not None:
+        parts = gather_from_ranks([(features, labels, captions, skipped)], group)
+        features, labels, captions, skipped = ([x for part in parts for x in part[i]] for i in range(4))
     if not features:
         raise EvalError(f"no image of {what} could be read ({len(skipped)} skipped"
                         + (f", e.g. {skipped[0]})" if skipped else ")"))
@@ -430,6 +438,43 @@ def encode_images(model, dataset, device="cpu", precision="fp32", batch_size=64,
             "labels": torch.tensor(labels, dtype=torch.long) if all(l is not None for l in labels) else None,
             "captions": captions if all(c is not None for c in captions) else None,
             "skipped": len(skipped), "skipped_examples": skipped[:10]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (train_ds.py's ranks): each encodes its part, every one gets the whole result
+# ----------------------------------------------------------------------------------------------
+
+def rank_block(count, group):
+    """[start, stop) of this rank's contiguous block of `count` items (all of them without a group):
+    gathered in rank order, the blocks keep the items' order."""
+    if group is None:
+        return 0, count
+    import torch.distributed as dist
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    return rank * count // world_size, (rank + 1) * count // world_size
+
+
+def rank_part(dataset, group):
+    """This rank's part of an evaluation dataset: every world-size-th shard of a shard stream (the
+    shards are not split further), a block of a map-style dataset."""
+    if group is None:
+        return dataset
+    if isinstance(dataset, data.BenchmarkShards):
+        import torch.distributed as dist
+        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        return data.BenchmarkShards(dataset.shards[rank::world_size], dataset.transform, dataset.kind)
+    return torch.utils.data.Subset(dataset, range(*rank_block(len(dataset), group)))
+
+
+def gather_from_ranks(items, group):
+    """The list `items` of every rank of `group` joined in rank order (`items` itself without a
+    group). A gloo group: the items are sent from host memory, as CPU tensors and Python objects."""
+    if group is None:
+        return items
+    import torch.distributed as dist
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, items, group=group)
+    return [item for part in everyone for item in part]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -780,7 +825,13 @@ class Settings:
     seed: int = 0
     cache_dir: str = None
     quiet: bool = False
+    group: object = None  # a gloo process group whose ranks share the encoding (train_ds.py); None: this process
     memo: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.group is not None and self.cache_dir:
+            raise EvalError("a feature cache with a process group: ranks that find different cache files "
+                            "would wait for each other forever; give one or the other")
 
 
 def features_of(model, model_id, dataset, split, settings):
@@ -792,7 +843,7 @@ def features_of(model, model_id, dataset, split, settings):
     if memo not in settings.memo:   # zero-shot and linear probe share the test split's features
         settings.memo[memo] = cached(settings.cache_dir, key, lambda: encode_images(
             model, images, settings.device, settings.precision, settings.batch_size, settings.workers,
-            f"{dataset.name} {stored}", settings.quiet), settings.quiet)
+            f"{dataset.name} {stored}", settings.quiet, settings.group), settings.quiet)
     return stored, settings.memo[memo]
 
 
@@ -819,7 +870,8 @@ def run_zeroshot(model, model_id, dataset, settings, report):
     key = {"what": "zero-shot classifier", "model": model_id, "classnames": dataset.classnames,
            "templates": dataset.templates, "precision": settings.precision}
     weights = cached(settings.cache_dir, key, lambda: zeroshot_classifier(
-        model, dataset.classnames, dataset.templates, settings.device, settings.precision), settings.quiet)
+        model, dataset.classnames, dataset.templates, settings.device, settings.precision, group=settings.group),
+        settings.quiet)
     logits = 100 * F.normalize(encoded["features"], dim=-1) @ weights.T
     report["splits"][stored] = split_report(encoded)
     return {**classification_metrics(logits, labels), "split": stored, "n_test": len(labels)}
@@ -856,7 +908,7 @@ def run_retrieval(model, model_id, dataset, settings, report):
         image_of_text += [i] * len(captions)
     key = {"what": "caption embeddings", "model": model_id, "texts": _digest(texts), "precision": settings.precision}
     text_features = cached(settings.cache_dir, key, lambda: encode_texts(
-        model, texts, settings.device, settings.precision), settings.quiet)
+        model, texts, settings.device, settings.precision, group=settings.group), settings.quiet)
     similarity = F.normalize(encoded["features"], dim=-1) @ text_features.T
     report["splits"][stored] = split_report(encoded)
     return {**retrieval_metrics(similarity, image_of_text), "split": stored, "n_images": similarity.shape[0],
@@ -986,7 +1038,7 @@ def run(args):
     reports = evaluate(model, model_id, datasets, settings)
     average = averages(reports, tasks)
     result = {"checkpoint": args.checkpoint, "model": args.model, "config": asdict(model.config),
-              "settings": {k: v for k, v in asdict(settings).items() if k not in ("quiet", "memo")},
+              "settings": {k: v for k, v in asdict(settings).items() if k not in ("quiet", "memo", "group")},
               "datasets": reports, "average": average, "elapsed_s": round(time.time() - start, 1)}
     print(format_table(reports, average, tasks))
     if args.output:

@@ -50,8 +50,8 @@ import numpy as np
 import torch
 
 import data
+import eval as evaluation
 import msclip
-from eval import zero_shot_heldout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -980,12 +980,8 @@ def stop_requested(requested, launchers, group):
 def open_eval_datasets(parser, specs, image_size, synthetic_size):
     """eval.py datasets ('[NAME=]PATH', or eval.py's synthetic-shape / synthetic-colour with
     synthetic_size renders) for the in-training zero-shot evaluation."""
-    if not specs:
-        return []
-    sys.path.insert(0, HERE)
-    import eval as evaluation
     datasets = []
-    for spec in specs:
+    for spec in specs or []:
         name, _, path = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
         try:
             dataset = evaluation.open_dataset(path, name or None, synthetic_size, image_size)
@@ -995,18 +991,40 @@ def open_eval_datasets(parser, specs, image_size, synthetic_size):
     return datasets
 
 
-def zero_shot_eval_datasets(model, datasets, device, precision, step):
-    """{dataset name: zero-shot top-1 %} through eval.py (the weights must be whole: see gathered())."""
-    if not datasets:
-        return {}
-    import eval as evaluation
-    settings = evaluation.Settings(tasks=["zeroshot"], device=str(device), precision=precision, quiet=True)
+@contextlib.contextmanager
+def rank0_buffers(model):
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank while inside, each rank's own
+    again after. Ranks update theirs on their own batches and the exported file holds rank 0's, so
+    every rank evaluates the model eval.py will load, and the evaluation changes no rank's state."""
+    import torch.distributed as dist
+    own = [buffer.clone() for buffer in model.buffers()]
+    for buffer in model.buffers():
+        dist.broadcast(buffer, 0)
+    try:
+        yield
+    finally:
+        for buffer, saved in zip(model.buffers(), own):
+            buffer.copy_(saved)
+
+
+def zero_shot(run, step):
+    """Held-out zero-shot accuracy {task: fraction} and eval.py's --eval_dataset top-1 (%), every rank
+    encoding its part of the images and prompts with --workers DataLoader workers, the features
+    gathered over the control group. Every rank takes part and gets the result."""
+    model, plan, args = run.engine.module, run.plan, run.args
     was_training = model.training
     model.eval()
-    out = {d.name: evaluation.run_zeroshot(model, f"train_ds step {step}", d, settings, {"splits": {}})["top1"]
-           for d in datasets}
+    with gathered(model), rank0_buffers(model):  # gathered: ZeRO-3's parameters whole on every rank
+        accuracy = evaluation.zero_shot_heldout(model, plan["model_config"].image_size, seed=args.seed,
+                                                samples=args.eval_samples, device=run.device,
+                                                workers=plan["workers"], group=run.control)
+        settings = evaluation.Settings(tasks=["zeroshot"], device=str(run.device), precision=plan["precision"],
+                                       workers=plan["workers"], quiet=True, group=run.control)
+        for dataset in run.eval_sets:
+            report = evaluation.run_zeroshot(model, f"train_ds step {step}", dataset, settings, {"splits": {}})
+            accuracy[dataset.name] = report["top1"]
     model.train(was_training)
-    return out
+    return accuracy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1162,19 +1180,6 @@ def record(run, entry):
         run.metrics.flush()
 
 
-def evaluate(run, step):
-    """Held-out zero-shot accuracy {task: fraction} and eval.py's --eval_dataset top-1 on rank 0
-    (ZeRO-3 gathers the weights collectively: there every rank takes part). None on other ranks."""
-    model, plan = run.engine.module, run.plan
-    with gathered(model):
-        if plan["zero_stage"] == 3 or run.master:
-            accuracy = zero_shot_heldout(model, plan["model_config"].image_size, seed=run.args.seed,
-                                         samples=run.args.eval_samples, device=run.device)
-            accuracy.update(zero_shot_eval_datasets(model, run.eval_sets, run.device, plan["precision"], step))
-            return accuracy
-    return None
-
-
 def checkpoint(run, progress):
     """Every rank's RNG and stream position gathered into DeepSpeed's client state, saved by save()."""
     import torch.distributed as dist
@@ -1271,12 +1276,11 @@ def train(run, loader, progress):
                 log_step(run, progress, window, lr)
                 window = new_window()
             if plan["eval_every"] > 0 and step % plan["eval_every"] == 0 and step < stop:
-                accuracy = evaluate(run, step)
-                if accuracy:
-                    record(run, {"step": step, "zero_shot": accuracy, "time": time.time() - run.started})
-                    others = "".join(f", {k} {v:.1f}%" for k, v in accuracy.items() if k not in ("colour", "shape"))
-                    run.log(f"step {step:>6} | held-out zero-shot: colour {accuracy['colour']:.1%}, shape "
-                            f"{accuracy['shape']:.1%}{others}")
+                accuracy = zero_shot(run, step)
+                record(run, {"step": step, "zero_shot": accuracy, "time": time.time() - run.started})
+                others = "".join(f", {k} {v:.1f}%" for k, v in accuracy.items() if k not in ("colour", "shape"))
+                run.log(f"step {step:>6} | held-out zero-shot: colour {accuracy['colour']:.1%}, shape "
+                        f"{accuracy['shape']:.1%}{others}")
                 window["time"] = time.time()
             if args.save_every and step % args.save_every == 0 and step < stop:
                 checkpoint(run, progress)
@@ -1297,16 +1301,14 @@ def finish(run, progress):
         export(folder, exported)
     result = {"steps": step, "checkpoint": folder, "export": exported, "skipped": progress["skipped"]}
     if run.plan["eval_every"] >= 0:
-        accuracy = evaluate(run, step)
-        if accuracy:
-            record(run, {"step": step, "zero_shot": accuracy, "time": time.time() - run.started})
-            result["zero_shot"] = accuracy
-            chance = 1 / len(data.SHAPES), 1 / len(data.COLOURS)
-            run.log(f"held-out zero-shot accuracy ({args.eval_samples} new renders): colour {accuracy['colour']:.1%} "
-                    f"(chance {chance[1]:.1%}), shape {accuracy['shape']:.1%} (chance {chance[0]:.1%})")
-            for name, top1 in accuracy.items():
-                if name not in ("colour", "shape"):
-                    run.log(f"zero-shot top-1 on {name} (eval.py): {top1:.1f}%")
+        accuracy = result["zero_shot"] = zero_shot(run, step)
+        record(run, {"step": step, "zero_shot": accuracy, "time": time.time() - run.started})
+        chance = 1 / len(data.SHAPES), 1 / len(data.COLOURS)
+        run.log(f"held-out zero-shot accuracy ({args.eval_samples} new renders): colour {accuracy['colour']:.1%} "
+                f"(chance {chance[1]:.1%}), shape {accuracy['shape']:.1%} (chance {chance[0]:.1%})")
+        for name, top1 in accuracy.items():
+            if name not in ("colour", "shape"):
+                run.log(f"zero-shot top-1 on {name} (eval.py): {top1:.1f}%")
     import torch.distributed as dist
     dist.barrier()
     run.log(f"done: {step} steps in {format_time(time.time() - run.started)}; checkpoint {folder}; weights for "

@@ -6,7 +6,8 @@ so that a test pays the launcher's start-up (20-30 s on 2 CPU cores) once for ma
 
 SPEC.json: {"result": PATH, "runs": [RUN, ...]}. A RUN is {"name", "argv"} (a train_ds.main call;
 its per-step metrics are read back from its --out_dir; with "count_host_reads": true, also every
-read of a tensor value to the host, see counting_host_reads) or {"name", "reference": {...}}: the same
+read of a tensor value to the host, see counting_host_reads; with "record_evaluation": true, what
+each rank encoded in eval mode, see recording_evaluation) or {"name", "reference": {...}}: the same
 training re-computed in plain PyTorch, one process holding the global batch, without DeepSpeed and
 without train_ds's loop (only data.py's definition of the data: SyntheticCaptions, minimal_pair_batches,
 normalize_images). Rank 0
@@ -116,6 +117,29 @@ def counting_host_reads():
     return counts, lambda: [setattr(owner, name, value) for (owner, name), value in saved.items()]
 
 
+def recording_evaluation():
+    """Patch MSCLIP.encode_image / encode_text to record, in call order, what this rank encodes in
+    eval mode: ["image", features as nested lists] and ["text", number of texts]. Returns (records, restore)."""
+    records, saved = [], (msclip.MSCLIP.encode_image, msclip.MSCLIP.encode_text)
+
+    def encode_image(self, images, *args, **kwargs):
+        out = saved[0](self, images, *args, **kwargs)
+        if not self.training:
+            records.append(["image", out.detach().float().cpu().tolist()])
+        return out
+
+    def encode_text(self, tokens, *args, **kwargs):
+        if not self.training:
+            records.append(["text", len(tokens)])
+        return saved[1](self, tokens, *args, **kwargs)
+
+    msclip.MSCLIP.encode_image, msclip.MSCLIP.encode_text = encode_image, encode_text
+
+    def restore():
+        msclip.MSCLIP.encode_image, msclip.MSCLIP.encode_text = saved
+    return records, restore
+
+
 def metrics(out_dir):
     steps, evals = [], []
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -136,15 +160,21 @@ def main():
             results[run["name"]] = reference(run["reference"])
         else:
             counts, restore = counting_host_reads() if run.get("count_host_reads") else (None, None)
+            records, stop_recording = recording_evaluation() if run.get("record_evaluation") else (None, None)
             try:
                 result = train_ds.main(run["argv"])
             finally:
-                if restore:
-                    restore()
+                for undo in (restore, stop_recording):
+                    if undo:
+                        undo()
             if counts is not None:
                 import deepspeed
                 result.update(host_reads=counts, deepspeed_version=deepspeed.__version__)
             import torch.distributed as dist
+            if records is not None:  # every rank's, in rank order
+                everyone = [None] * dist.get_world_size()
+                dist.all_gather_object(everyone, records)
+                result["evaluation_encodes"] = everyone
             if dist.get_rank() == 0:
                 out_dir = run["argv"][run["argv"].index("--out_dir") + 1]
                 steps, evals = metrics(out_dir)

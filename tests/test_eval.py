@@ -572,6 +572,91 @@ def test_wrong_kind_of_checkpoint_is_a_clear_error(folder, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
+# Two processes sharing the encoding (train_ds.py's ranks): the single process's results
+# ---------------------------------------------------------------------------------------------
+
+def assert_same_report(got, expected, where="report"):
+    """Equal JSON values; numbers within 1e-6 (a rank encodes other batches: float rounding). Shards
+    are read in another order: the skipped samples are compared as sets of ids."""
+    if where.endswith("skipped_examples"):
+        assert sorted(e.split(": ")[0] for e in got) == sorted(e.split(": ")[0] for e in expected), where
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            assert_same_report(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(got) == len(expected), where
+        for i, (a, b) in enumerate(zip(got, expected)):
+            assert_same_report(a, b, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=1e-6), where
+    else:
+        assert got == expected, where
+
+
+def test_two_processes_share_the_encoding(checkpoint, folder, tmp_path):
+    """Two gloo processes (one DataLoader worker each) encode a block of each map-style split and
+    every other shard of a WebDataset, images and prompts; both get the single process's reports:
+    zero-shot and linear probe on the folder, zero-shot on shards of which rank 1's only shard is
+    unreadable, retrieval on shards (captions kept with their images). Nothing readable anywhere is
+    the same error on both ranks, not a rank waiting for the other."""
+    import socket
+    import subprocess
+    import sys
+    path, _ = checkpoint
+    tests = sorted((folder / "test").glob("*/*.png"))
+    label = {p: str(list(COLOURS).index(p.parent.name)).encode() for p in tests}
+    shards = tmp_path / "shards"   # 0: 5 good; 1 (rank 1's): 5 broken; 2: 4 good and one without a label
+    write_shards(shards, [(f"a{i}", encoded(p, "PNG"), {"cls": label[p]}) for i, p in enumerate(tests[:5])]
+                 + [(f"b{i}", b"not an image", {"cls": b"0"}) for i in range(5)]
+                 + [(f"c{i}", encoded(p, "PNG"), {"cls": label[p]}) for i, p in enumerate(tests[5:])]
+                 + [("nolabel", encoded(tests[0], "PNG"), {})], per_shard=5)
+    (shards / "classnames.txt").write_text("\n".join(COLOURS))
+    retrieval = tmp_path / "retrieval"
+    trains = sorted((folder / "train").glob("*/*.png"))[:12]
+    write_shards(retrieval, [(f"{i:03d}", encoded(p, "PNG"), {"txt": f"{p.parent.name} number {i}\nimage {i}".encode()})
+                             for i, p in enumerate(trains)], per_shard=4)
+    (retrieval / "dataset_type.txt").write_text("retrieval\n")
+    bad = tmp_path / "allbad"
+    for name in COLOURS:
+        (bad / "test" / name).mkdir(parents=True)
+        (bad / "test" / name / "x.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    evaluations = [{"datasets": [str(folder)], "tasks": ["zeroshot", "linear-probe"]},
+                   {"datasets": [str(shards)], "tasks": ["zeroshot"]},
+                   {"datasets": [str(retrieval)], "tasks": ["retrieval"]},
+                   {"datasets": [str(bad)], "tasks": ["zeroshot"]}]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"checkpoint": str(path), "result": str(tmp_path / "ranks"), "evaluations": evaluations}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    helper = Path(__file__).parent / "_eval_ranks.py"
+    procs = [subprocess.Popen([sys.executable, str(helper), str(spec), str(rank), port], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    ranks = [json.loads((tmp_path / f"ranks.{r}").read_text()) for r in range(2)]
+
+    # One process (eval.py's command line) on the same datasets
+    singles = [run_main(tmp_path, "--checkpoint", path, *(a for d in e["datasets"] for a in ("--dataset", d)),
+                        *(a for t in e["tasks"] for a in ("--task", t)))["datasets"] for e in evaluations[:3]]
+    assert singles[1][0]["splits"]["test"]["skipped"] == 6 and singles[2][0]["retrieval"]["n_images"] == 12
+    for rank in ranks:
+        for got, expected in zip(rank, singles):
+            assert_same_report(got["reports"], expected)
+        assert "no image" in rank[3]["error"] and "3 skipped" in rank[3]["error"]
+    # the work was shared: (images, prompts) each rank encoded
+    folder_share = sorted((r[0]["images"], r[0]["texts"]) for r in ranks)
+    assert folder_share == [(4 + 9, 120), (5 + 9, 120)]  # test: 10 files, 1 broken; train: 18; 3 x 80 prompts
+    assert [(r[1]["images"], r[1]["texts"]) for r in ranks] == [(5 + 4, 120), (0, 120)]  # shards 0 and 2 / 1
+    assert [(r[2]["images"], r[2]["texts"]) for r in ranks] == [(8, 12), (4, 12)]  # 3 shards of 4, 24 captions
+
+
+# ---------------------------------------------------------------------------------------------
 # End to end: train briefly on data.py's shapes, evaluate its held-out split
 # ---------------------------------------------------------------------------------------------
 

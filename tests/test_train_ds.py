@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import eval as evaluation  # noqa: E402
 import msclip  # noqa: E402
 import train_ds  # noqa: E402
 
@@ -182,7 +183,8 @@ def one_rank(tmp_path_factory):
 def two_ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_ranks")
     runs = [{"name": f"stage{s}", "argv": equal_argv(str(tmp / f"stage{s}"), 2, s)} for s in (1, 2, 3)]
-    runs += [{"name": "s_full", "argv": s_tiny_argv(str(tmp / "s_full"))},
+    runs += [{"name": "s_full", "argv": s_tiny_argv(str(tmp / "s_full"), "--eval_dataset", "synthetic-colour",
+                                                    "--eval_every", "6"), "record_evaluation": True},
              {"name": "s_part1", "argv": s_tiny_argv(str(tmp / "s_part"), "--stop_at", "5", "--eval_every", "-1")},
              {"name": "s_part2", "argv": s_tiny_argv(str(tmp / "s_part"), "--resume")}]
     results, log, extensions = launch(tmp, "two_ranks", runs, 2)
@@ -242,6 +244,17 @@ def test_zero3_resume_is_exact(two_ranks):
     assert part1["steps"] == list(range(1, 6)) and part2["steps"] == list(range(1, 13))  # metrics.jsonl appends
     assert part2["losses"][5:] == full["losses"][5:]  # bit-identical continuation
     assert_same_weights(tmp / "s_full" / "msclip.pt", tmp / "s_part" / "msclip.pt")
+    # rank 1's own BatchNorm statistics (ZeRO-3 saves each rank's) are the same although only s_full
+    # evaluated at step 6 with rank 0's: the evaluation gave them back
+    statistics = {}
+    for run in ("s_full", "s_part"):
+        for rank in (0, 1):
+            path = tmp / run / "checkpoints" / "step_00000012" / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+            with train_ds.weights_only_loading():
+                module = torch.load(path, map_location="cpu")["module"]
+            statistics[run, rank] = torch.cat([v.flatten() for k, v in module.items() if "running_" in k])
+    assert torch.equal(statistics["s_full", 1], statistics["s_part", 1])
+    assert not torch.equal(statistics["s_full", 1], statistics["s_full", 0])  # else the check above is blind
 
 
 def test_zero3_export_loads_and_matches_training_eval(two_ranks):
@@ -251,14 +264,42 @@ def test_zero3_export_loads_and_matches_training_eval(two_ranks):
     model = msclip.load_checkpoint(str(tmp / "s_full" / "msclip.pt"))
     assert model.config.parallel_branch and model.config.layers == 12
     assert model.logit_scale.item() == pytest.approx(results["s_full"]["logit_scales"][-1], abs=1e-6)
-    accuracy = train_ds.zero_shot_heldout(model, 64, seed=1, samples=64)
-    assert accuracy == results["s_full"]["zero_shot"]
+    accuracy = evaluation.zero_shot_heldout(model, 64, seed=1, samples=64)
+    assert {k: results["s_full"]["zero_shot"][k] for k in accuracy} == accuracy
     # --export from the checkpoint folder, in this process (no distributed setup), gives the same file
     again = tmp / "again.pt"
     train_ds.main(["--out_dir", str(tmp / "s_full"), "--export", str(again)])
     assert_same_weights(again, tmp / "s_full" / "msclip.pt")
     # the ZeRO-3 shards hold the model each rank trained: checkpoints kept = --keep (2)
     assert len(train_ds.complete_checkpoints(str(tmp / "s_full"))) == 2
+
+
+def test_evaluation_is_split_over_ranks(two_ranks):
+    """The evaluations of the 2-rank ZeRO-3 MS-CLIP-S run (at step 6 and after step 12): each rank
+    encoded one half of the held-out renders and of --eval_dataset's images and prompts; at the end
+    with the weights (BatchNorm's running statistics included) of the exported file, and the gathered
+    result is eval.py's on that file."""
+    tmp, results = two_ranks[0], two_ranks[1]
+    model = msclip.load_checkpoint(str(tmp / "s_full" / "msclip.pt"))
+    heldout = data.SyntheticImages(data.SyntheticCaptions("heldout", length=64, seed=1), "shape",
+                                   msclip.ImageTransform(64))
+    colour = evaluation.apply_prompts(evaluation.open_dataset("synthetic-colour", None, 64, 64))
+    _, colour_images, _ = evaluation.split_images(colour, "test", msclip.ImageTransform(64))
+    encodes = results["s_full"]["evaluation_encodes"]
+    for rank, records in enumerate(encodes):
+        images = [torch.tensor(features) for kind, features in records if kind == "image"]
+        assert [len(f) for f in images] == [32] * 4, f"rank {rank} did not encode its half of each image set"
+        with torch.no_grad():
+            for features, dataset in zip(images[2:], (heldout, colour_images)):
+                own = torch.stack([dataset[i][0] for i in range(32 * rank, 32 * rank + 32)])
+                torch.testing.assert_close(features, model.encode_image(own, normalize=False), atol=2e-5, rtol=1e-4)
+    colour_prompts = len(colour.classnames) * len(colour.templates)
+    heldout_prompts = sum(len(names) * len(templates) for names, templates in data.heldout_prompts().values())
+    texts = [sum(n for kind, n in records if kind == "text") for records in encodes]
+    assert texts == [2 * (heldout_prompts + colour_prompts // 2)] * 2  # held-out's few prompts: on every rank
+    metrics = evaluation.run_zeroshot(model, "exported", colour, evaluation.Settings(tasks=["zeroshot"], quiet=True),
+                                      {"splits": {}})
+    assert results["s_full"]["zero_shot"]["synthetic-colour"] == pytest.approx(metrics["top1"], abs=1e-9)
 
 
 def test_csv_resume_is_exact_and_bad_rows_counted(one_rank):
@@ -276,8 +317,6 @@ def test_csv_resume_is_exact_and_bad_rows_counted(one_rank):
 def test_eval_py_dataset_during_training(one_rank):
     """--eval_dataset runs eval.py's zero-shot on the model in training: the same figure eval.py gives
     for the exported file, next to the built-in held-out accuracies."""
-    sys.path.insert(0, ROOT)
-    import eval as evaluation
     result = one_rank[1]["csv_full"]["zero_shot"]
     assert set(result) == {"shape", "colour", "synthetic-colour"}
     model = msclip.load_checkpoint(str(one_rank[0] / "csv_full" / "msclip.pt"))
