@@ -3,7 +3,7 @@
 Two trainer launches cover the multi-process checks (each launch runs several trainings inside
 the same processes, see tests/_train_runs.py): one plain `python` process (the 1-rank runs and a
 plain-PyTorch re-computation), one 2-rank `deepspeed` launch (ZeRO 1, 2, 3 and a ZeRO-3 MS-CLIP-S
-run with checkpoint, resume and export). Results are compared with independent references, never
+run with checkpoint, resume, export and an evaluation split over the ranks). Results are compared with independent references, never
 with stored numbers. Everything else runs in this process without initialising DeepSpeed.
 """
 import io
