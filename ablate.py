@@ -43,7 +43,7 @@ import msclip
 # The pieces of the other scripts this one uses, all here: the demo model's settings, the FLOP
 # count, and eval.py's datasets and tasks (run in this process on each run's export).
 from bench import caption_tokens, model_flops
-from eval import EvalError, Settings, apply_prompts, load_model, open_dataset, run_linear_probe, run_zeroshot
+from eval import EvalError, Settings, load_model, open_named_dataset, run_linear_probe, run_zeroshot
 from train_ds import DEMO_LOGIT_SCALE, DEMO_OVERRIDES
 
 HERE = Path(__file__).resolve().parent
@@ -157,22 +157,14 @@ def read_metrics(run):
                   for s in sorted(curve)]
 
 
-def open_eval_datasets(args, image_size):
-    datasets = []
-    for spec in args.eval_dataset:
-        name, _, path = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
-        dataset = open_dataset(path, name or None, args.synthetic_size, image_size)
-        datasets.append(apply_prompts(dataset, prompt_name=name or None))
-    return datasets
-
-
 def evaluate_run(run, args):
     """eval.py's zero-shot and linear probe on the run's export: {"TASK/DATASET": top-1 %}, the reports."""
     model, identity = load_model(str(run / "msclip.pt"), device=args.device)
     settings = Settings(tasks=args.task, device=args.device, quiet=True,  # its memo: each split encoded once
                         probe_iterations=args.probe_iterations)
     reports = []
-    for dataset in open_eval_datasets(args, model.config.image_size):
+    for spec in args.eval_dataset:
+        dataset = open_named_dataset(spec, args.synthetic_size, model.config.image_size)
         report = {"name": dataset.name, "splits": {}}
         if "zeroshot" in args.task:
             report["zeroshot"] = run_zeroshot(model, identity, dataset, settings, report)

@@ -684,6 +684,13 @@ def apply_prompts(dataset, classnames=None, templates=None, prompt_name=None):
     return dataset
 
 
+def open_named_dataset(spec, synthetic_size=None, image_size=64):
+    """An EvalDataset with its prompts from '[NAME=]PATH' (train_ds.py's and ablate.py's --eval_dataset):
+    NAME picks the bundled class names and templates, as --dataset-name does."""
+    name, _, path = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
+    return apply_prompts(open_dataset(path, name or None, synthetic_size, image_size), prompt_name=name or None)
+
+
 def map_label_names(dataset, classnames):
     """Old label index -> index in `classnames`. By name when every folder/CSV label names exactly one
     class; otherwise folders map by sorted order (torchvision's ImageFolder convention: ImageNet's wnid

@@ -256,7 +256,7 @@ def data_plan(fail, args, world_size):
             fail(f"--train_data {args.train_data}: the pattern matches no file")
         if missing:
             fail(f"--train_data {args.train_data}: {len(missing)} of {len(shards)} shards not found "
-                 f"(first: {(missing or [args.train_data])[0]})")
+                 f"(first: {missing[0]})")
         if len(shards) < world_size:
             fail(f"{len(shards)} WebDataset shards cannot be split over {world_size} ranks without duplication: "
                  "use more shards or fewer ranks")
@@ -982,10 +982,8 @@ def open_eval_datasets(parser, specs, image_size, synthetic_size):
     synthetic_size renders) for the in-training zero-shot evaluation."""
     datasets = []
     for spec in specs or []:
-        name, _, path = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
         try:
-            dataset = evaluation.open_dataset(path, name or None, synthetic_size, image_size)
-            datasets.append(evaluation.apply_prompts(dataset, prompt_name=name or None))
+            datasets.append(evaluation.open_named_dataset(spec, synthetic_size, image_size))
         except evaluation.EvalError as e:
             parser.error(f"--eval_dataset {spec}: {e}")
     return datasets
