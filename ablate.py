@@ -19,8 +19,8 @@ Runs live in OUT_DIR/runs/VARIANT/seedN (train_ds.py's --out_dir, with its log i
 run that finished is not redone when the command is repeated, and an interrupted one continues
 from its last checkpoint (train_ds.py --resume). Results: OUT_DIR/ablation.md (Markdown table),
 OUT_DIR/ablation.json (every number, per seed and mean ± standard deviation over seeds, with the
-held-out zero-shot curve read from each run's metrics.jsonl) and, when matplotlib is installed,
-OUT_DIR/curves.png (held-out zero-shot accuracy against step).
+zero-shot curves train_ds.py logged in each run's metrics.jsonl) and, when matplotlib is installed,
+OUT_DIR/curves.png (zero-shot top-1 against step, one panel per evaluation dataset).
 
 Variants (presets "<variant>-<size>" in msclip.PRESETS): clip (separate towers), msclip
 (attention + FFN shared), msclip-es / msclip-pb (MS-CLIP + Early Specialization / + Parallel
@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 
 import msclip
+import shapes
 # The pieces of the other scripts this one uses, all here: the demo model's settings, the FLOP
 # count, and eval.py's datasets and tasks (run in this process on each run's export).
 from bench import caption_tokens, model_flops
-from eval import EvalError, Settings, load_model, open_named_dataset, run_linear_probe, run_zeroshot
+from eval import EvalError, Settings, evaluate, load_model, open_named_dataset, renamed
 from train_ds import DEMO_LOGIT_SCALE, DEMO_OVERRIDES
 
 HERE = Path(__file__).resolve().parent
@@ -92,8 +93,11 @@ def build_parser():
                         "default with the built-in data: its held-out shape and colour splits")
     p.add_argument("--task", action="append", choices=["zeroshot", "linear-probe"],
                    help="evaluation tasks, repeatable (default: both; the linear probe needs a train split)")
-    p.add_argument("--synthetic_size", type=int, default=512,
-                   help="built-in data: images in the held-out split and in the linear probe's train split")
+    p.add_argument("--eval_samples", type=int, default=shapes.EVAL_SAMPLES,
+                   help="synthetic-shape / synthetic-colour: renders of the held-out split (and of the train split, "
+                        "for the linear probe)")
+    p.add_argument("--synthetic_size", dest="eval_samples", type=int, action=renamed("--eval_samples"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--probe_iterations", type=int, default=1000,
                    help="L-BFGS iterations per linear-probe fit (eval.py's default: 1000; a probe searches ~15 "
                         "regularisation strengths, which takes minutes per run on a loaded CPU)")
@@ -145,32 +149,25 @@ def train(run, preset, seed, args, train_args):
 
 
 def read_metrics(run):
-    """train_ds.py's metrics.jsonl: (last training record, held-out zero-shot curve). A resumed run
-    repeats the steps after its checkpoint; the later record of a step wins."""
+    """train_ds.py's metrics.jsonl: (last training record, zero-shot curve: per evaluation, the step
+    and top-1 % per dataset name). A resumed run repeats the steps after its checkpoint; the later
+    record of a step wins."""
     steps, curve = {}, {}
     with open(run / "metrics.jsonl") as f:
         for line in f:
             entry = json.loads(line)
             (curve if "zero_shot" in entry else steps)[entry["step"]] = entry
     last = steps[max(steps)] if steps else {}
-    return last, [{"step": s, **{k: 100 * v if k in ("shape", "colour") else v for k, v in curve[s]["zero_shot"].items()}}
-                  for s in sorted(curve)]
+    return last, [{"step": s, **curve[s]["zero_shot"]} for s in sorted(curve)]
 
 
 def evaluate_run(run, args):
     """eval.py's zero-shot and linear probe on the run's export: {"TASK/DATASET": top-1 %}, the reports."""
-    model, identity = load_model(str(run / "msclip.pt"), device=args.device)
+    model, identity = load_model(str(run / "msclip.pt"))
     settings = Settings(tasks=args.task, device=args.device, quiet=True,  # its memo: each split encoded once
                         probe_iterations=args.probe_iterations)
-    reports = []
-    for spec in args.eval_dataset:
-        dataset = open_named_dataset(spec, args.synthetic_size, model.config.image_size)
-        report = {"name": dataset.name, "splits": {}}
-        if "zeroshot" in args.task:
-            report["zeroshot"] = run_zeroshot(model, identity, dataset, settings, report)
-        if "linear-probe" in args.task:
-            report["linear-probe"] = run_linear_probe(model, identity, dataset, settings, report)
-        reports.append(report)
+    datasets = [open_named_dataset(spec, args.eval_samples, model.config.image_size) for spec in args.eval_dataset]
+    reports = evaluate(model.to(args.device), identity, datasets, settings)
     metrics = {f"{task}/{r['name']}": r[task]["top1"] for r in reports for task in args.task}
     return metrics, reports, model.config, sum(p.numel() for p in model.parameters())
 
@@ -182,7 +179,7 @@ def run_once(variant, seed, args, train_args):
     preset = f"{variant}-{args.size}"
     settings = {"preset": preset, "seed": seed, "size_options": SIZES[args.size], "train_args": train_args,
                 "launcher": args.launcher}
-    evaluation = {"datasets": args.eval_dataset, "tasks": args.task, "synthetic_size": args.synthetic_size,
+    evaluation = {"datasets": args.eval_dataset, "tasks": args.task, "eval_samples": args.eval_samples,
                   "probe_iterations": args.probe_iterations}
     done = json.loads((run / "result.json").read_text()) if (run / "result.json").is_file() else None
     trained = json.loads((run / "trained.json").read_text()) if (run / "trained.json").is_file() else None
@@ -261,27 +258,28 @@ def markdown_table(summary):
 
 
 def plot_curves(summary, path):
-    """Held-out zero-shot accuracy against step, mean over seeds, one line per variant and task."""
+    """Zero-shot top-1 against step, mean over seeds: a panel per dataset, a line per variant."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    tasks = [t for t in ("shape", "colour") if any(p.get(t) is not None for s in summary.values()
-                                                   for c in s["curves"].values() for p in c)]
-    if not tasks:
+    names = list(dict.fromkeys(k for s in summary.values() for c in s["curves"].values() for p in c for k in p
+                               if k != "step"))
+    if not names:
         return None
-    figure, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
-    for axis, task in zip(axes[0], tasks):
+    figure, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
+    for axis, name in zip(axes[0], names):
         for variant, s in summary.items():
             points = {}
             for curve in s["curves"].values():
                 for p in curve:
-                    points.setdefault(p["step"], []).append(p[task])
+                    if name in p:
+                        points.setdefault(p["step"], []).append(p[name])
             steps = sorted(points)
             axis.plot(steps, [statistics.fmean(points[x]) for x in steps], marker="o", label=variant)
-        axis.set(title=f"held-out zero-shot {task}", xlabel="step", ylabel="top-1 %")
+        axis.set(title=f"zero-shot {name}", xlabel="step", ylabel="top-1 %")
         axis.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8)
     figure.tight_layout()
@@ -313,7 +311,7 @@ def main(argv=None):
     command = shlex.join(["python", "ablate.py", *(sys.argv[1:] if argv is None else argv)])
     write_json(out / "ablation.json", {"command": command, "size": args.size, "train_args": train_args,
                                        "evaluation": {"datasets": args.eval_dataset, "tasks": args.task,
-                                                      "synthetic_size": args.synthetic_size,
+                                                      "eval_samples": args.eval_samples,
                                                       "probe_iterations": args.probe_iterations},
                                        "variants": summary})
     (out / "ablation.md").write_text(f"`{command}`\n\n{table}")

@@ -518,7 +518,7 @@ def write_photo_shards(folder, shards, per_shard, seed=0):
     import random
     import tarfile
     from PIL import Image, ImageDraw, ImageFilter
-    import data
+    import shapes
     rng = random.Random(seed)
     noise = torch.Generator().manual_seed(seed)
     for s in range(shards):
@@ -531,7 +531,7 @@ def write_photo_shards(folder, shards, per_shard, seed=0):
                 for _ in range(rng.randint(1, 4)):
                     r = rng.uniform(0.1, 0.3) * min(w, h)
                     colour = tuple(rng.randrange(256) for _ in range(3))
-                    data.draw_shape(draw, rng.choice(data.SHAPES), rng.uniform(r, w - r), rng.uniform(r, h - r), r,
+                    shapes.draw_shape(draw, rng.choice(shapes.SHAPES), rng.uniform(r, w - r), rng.uniform(r, h - r), r,
                                     rng.uniform(-0.3, 0.3), colour, (0, 0, 0))
                 encoded = io.BytesIO()
                 image.save(encoded, format="JPEG", quality=90)

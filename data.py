@@ -1,223 +1,34 @@
-"""Image-text data for msclip: every reader train_ds.py and eval.py use, in one place.
+"""The image-text pipeline of train_ds.py and eval.py: every source, one reader per format.
 
-Sources (each a small class, as OpenCLIP's open_clip_train/data.py):
-  SyntheticCaptions   the built-in procedural shapes data ("train" and "heldout" splits) + heldout_prompts()
-  CsvCaptions         CSV/TSV rows of image path + caption (training)
-  ShardStream         img2dataset WebDataset shards (training): shard-order shuffle per epoch, shards
-                      interleaved and samples shuffled in a buffer of undecoded bytes across shard boundaries
-  ImageFiles, BenchmarkShards, SyntheticImages
-                      eval.py's image folders / CSV files, CLIP_benchmark shards and the held-out shapes
-One tar reader (read_tar) and one image decoder (read_image: skip-and-count, high bit depths scaled
-to 8 bits) serve them all. Training images travel from the DataLoader workers as uint8 [3, H, W]
-(PixelTransform); normalize_images() makes the model input in the training process, on its device,
-equal bit for bit to msclip.ImageTransform's float path. train_loader() is the training entry.
+Training (train_loader() is the entry; items are uint8 images, token ids, skipped-sample reports):
+  shapes.SyntheticCaptions  the built-in procedural shapes data (shapes.py)
+  CsvCaptions               CSV/TSV rows of image path + caption
+  ShardStream               img2dataset WebDataset shards: shard order shuffled per epoch, shards
+                            interleaved and samples shuffled in a buffer across shard boundaries
+Evaluation (open_dataset() is the entry; an EvalDataset's splits yield (image, meta)):
+  open_folder, open_csv, open_wds, open_synthetic
+                            class folders, CSV/TSV files, CLIP_benchmark shards, the held-out shapes
+One CSV reader (read_csv), one tar reader (read_tar) with one sample decoder (image_and_text), one
+image decoder (read_image: skip-and-count, high bit depths scaled to 8 bits) serve them all.
+Training images travel from the DataLoader workers as uint8; normalize_images() makes the model
+input on the device, equal bit for bit to msclip.ImageTransform's float path.
 """
+import csv
 import glob
 import io
-import math
 import os
 import random
 import re
 import tarfile
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import msclip
-
-# ----------------------------------------------------------------------------------------------
-# Built-in data: procedurally drawn shapes with captions in varied wording
-# ----------------------------------------------------------------------------------------------
-
-SHAPES = ["circle", "square", "triangle", "star", "cross", "heart", "crescent", "arrow"]
-COLOURS = ["red", "orange", "yellow", "green", "blue", "purple", "pink", "brown"]
-
-RGB = {"red": (215, 35, 35), "orange": (245, 135, 20), "yellow": (240, 215, 25), "green": (35, 160, 55),
-       "blue": (35, 75, 215), "purple": (135, 45, 175), "pink": (250, 135, 195), "brown": (125, 75, 35)}
-BACKGROUNDS = {"white": (246, 246, 246), "light grey": (200, 200, 200), "dark grey": (72, 72, 72),
-               "black": (14, 14, 14), "cream": (242, 232, 208)}
-# Caption vocabulary. Words the zero-shot templates use (photo, picture, thing, ...) never occur here.
-SHAPE_WORDS = {"circle": ["circle", "circle", "circle", "disc"], "square": ["square"],
-               "triangle": ["triangle"], "star": ["star", "star", "star", "five-pointed star"],
-               "cross": ["cross", "cross", "cross", "plus sign"], "heart": ["heart"],
-               "crescent": ["crescent", "crescent", "crescent", "crescent moon"], "arrow": ["arrow"]}
-COLOUR_WORDS = {"red": ["red", "red", "red", "scarlet"], "orange": ["orange"], "yellow": ["yellow", "yellow", "yellow", "golden"],
-                "green": ["green", "green", "green", "emerald"], "blue": ["blue", "blue", "blue", "navy"],
-                "purple": ["purple", "purple", "purple", "violet"], "pink": ["pink"],
-                "brown": ["brown", "brown", "brown", "chocolate"]}
-COUNT_WORDS = {1: ["a", "one", "a single"], 2: ["two", "a pair of"], 3: ["three"]}
-SIZE_WORDS = {"small": ["small", "tiny", "little"], "medium": ["", "", "medium-sized"], "large": ["large", "big"]}
-WHERE_WORDS = {"top": "near the top", "bottom": "near the bottom", "left": "on the left", "right": "on the right",
-               "centre": "in the middle"}
-# Captions mention the shape always and the other attributes only sometimes, as alt-text does:
-# when every caption names colour, background, size and position, those easy attributes tell the
-# pairs of a batch apart and the model never learns shape (see caption()).
-MENTION = {"colour": 0.5, "size": 0.1, "background": 0.1, "where": 0.1}
-COLOUR_AFTER = ["{np} painted {colour}", "{np}, all {colour}", "{colour}: {np}", "{np} in {colour}"]
-WITH_BACKGROUND = ["{np} on a {bg} background", "a {bg} backdrop with {np}", "{np} on {bg}"]
-WITH_WHERE = ["{np} {where}", "{where}, {np}"]
-PLURAL = {"cross": "crosses", "plus sign": "plus signs"}
-
-
-def plural(word):
-    return PLURAL.get(word, word + "s")
-
-
-def polygon_points(shape, cx, cy, r, angle):
-    """Outline of `shape` centred at (cx, cy) with radius r, rotated by `angle` radians."""
-    def star(n, inner):
-        return [((1 if k % 2 == 0 else inner), math.pi / 2 + k * math.pi / n) for k in range(2 * n)]
-
-    polar = {
-        "square": [(1.0, math.pi / 4 + k * math.pi / 2) for k in range(4)],
-        "triangle": [(1.0, math.pi / 2 + k * 2 * math.pi / 3) for k in range(3)],
-        "star": star(5, 0.42),
-    }
-    if shape in polar:
-        pts = [(rho * r * math.cos(t), -rho * r * math.sin(t)) for rho, t in polar[shape]]
-    elif shape == "cross":
-        a, b = 0.33 * r, r
-        pts = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
-    elif shape == "arrow":
-        pts = [(-r, -0.25 * r), (0.1 * r, -0.25 * r), (0.1 * r, -0.7 * r), (r, 0), (0.1 * r, 0.7 * r), (0.1 * r, 0.25 * r),
-               (-r, 0.25 * r)]
-    elif shape == "heart":
-        pts = []
-        for k in range(40):
-            t = 2 * math.pi * k / 40
-            x, y = 16 * math.sin(t) ** 3, 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
-            pts.append((x * r / 16, -(y + 2.5) * r / 16))
-    else:
-        raise ValueError(shape)
-    cos, sin = math.cos(angle), math.sin(angle)
-    return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in pts]
-
-
-def draw_shape(draw, shape, cx, cy, r, angle, fill, background):
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "crescent":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        dx, dy = 0.55 * r * math.cos(angle), 0.55 * r * math.sin(angle)
-        draw.ellipse([cx + dx - 0.85 * r, cy + dy - 0.85 * r, cx + dx + 0.85 * r, cy + dy + 0.85 * r], fill=background)
-    else:
-        draw.polygon(polygon_points(shape, cx, cy, r, angle), fill=fill)
-
-
-class SyntheticCaptions(torch.utils.data.Dataset):
-    """Procedural image-caption pairs: 1-3 shapes of one kind and one colour on a plain or noisy
-    background, captioned in varied wording (synonyms, word order, size, count, position).
-
-    Sample `index` has shape SHAPES[index % S] and colour COLOURS[(index // S) % C]; everything else
-    (size, count, positions, rotation, background, colour jitter, caption wording) is drawn from a
-    random.Random seeded by (seed, split, index), so a render never depends on worker state. The
-    "heldout" split draws from other seeds: new renders of the same classes. Training
-    augmentation (random resized crop) is drawn from (seed, epoch, index): index the dataset with
-    an (epoch, index) pair to get a given epoch's augmentation; a plain int means epoch 0. Items are
-    (uint8 image [3, image_size, image_size], token ids [77]).
-    """
-
-    def __init__(self, split="train", length=len(SHAPES) * len(COLOURS) * 1000, image_size=64, seed=0, train=None):
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-        self.split, self.length, self.image_size, self.seed = split, length, image_size, seed
-        self.train = split == "train" if train is None else train
-        self.transform = PixelTransform(image_size, train=self.train)
-
-    counts = [1, 1, 1, 1, 1, 1, 1, 2, 2, 3]
-    sizes = ["small", "medium", "medium", "large", "large"]
-
-    def __len__(self):
-        return self.length
-
-    def labels(self, index):
-        """(shape label, colour label) of sample `index` without rendering it."""
-        return index % len(SHAPES), (index // len(SHAPES)) % len(COLOURS)
-
-    def render(self, index):
-        """(PIL image at twice the model's size, caption, shape label, colour label).
-
-        The layout (background, texture, count, size, positions, rotation, caption form) comes from
-        the sample's variant, index // (shapes x colours): the 64 samples of a variant differ only
-        in shape and colour (hard negatives for each other, see minimal_pair_batches). The colour
-        jitter and the synonyms come from the index itself."""
-        shape_label, colour_label = self.labels(index)
-        shape, colour = SHAPES[shape_label], COLOURS[colour_label]
-        variant = index // (len(SHAPES) * len(COLOURS))
-        rng = random.Random(f"msclip-shapes/{self.seed}/{self.split}/{variant}")
-        own = random.Random(f"msclip-shapes/{self.seed}/{self.split}/{variant}/{index}")
-        side = 2 * self.image_size
-        bg_name = rng.choice(list(BACKGROUNDS))
-        bg = tuple(min(255, max(0, v + rng.randint(-10, 10))) for v in BACKGROUNDS[bg_name])
-        image = Image.new("RGB", (side, side), bg)
-        draw = ImageDraw.Draw(image)
-        if rng.random() < 0.3:  # faint texture: lines of a slightly different grey
-            for _ in range(rng.randint(3, 8)):
-                shift = rng.choice((-28, 28))
-                tone = tuple(min(255, max(0, v + shift)) for v in bg)
-                draw.line([(rng.uniform(0, side), rng.uniform(0, side)), (rng.uniform(0, side), rng.uniform(0, side))],
-                          fill=tone, width=rng.randint(1, 3))
-        count = rng.choice(self.counts)
-        size = rng.choice(self.sizes if count == 1 else ["small", "medium"] if count == 2 else ["small"])
-        radius = {"small": (0.12, 0.17), "medium": (0.19, 0.25), "large": (0.28, 0.36)}[size]
-        fill = tuple(min(255, max(0, v + own.randint(-18, 18))) for v in RGB[colour])
-        centres = []
-        for _ in range(count):
-            r = rng.uniform(*radius) * side
-            for _attempt in range(20):  # keep shapes apart when there are several
-                cx, cy = rng.uniform(r, side - r), rng.uniform(r, side - r)
-                if all(math.hypot(cx - x, cy - y) > r + q for x, y, q in centres):
-                    break
-            centres.append((cx, cy, r))
-            turn = rng.uniform(-0.3, 0.3)
-            draw_shape(draw, shape, cx, cy, r, turn if shape != "crescent" else turn * 10, fill, bg)
-        if count == 1:
-            cx, cy, _ = centres[0]
-            dx, dy = cx / side - 0.5, cy / side - 0.5
-            where = "centre" if max(abs(dx), abs(dy)) < 0.12 else \
-                ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("top" if dy < 0 else "bottom")
-            where = WHERE_WORDS[where]
-        else:
-            where = rng.choice(["scattered around", "side by side", "spread out"])
-        caption = self.caption(rng, own, shape, colour, count, size, where, bg_name)
-        return image, caption, shape_label, colour_label
-
-    @staticmethod
-    def caption(rng, own, shape, colour, count, size, where, background):
-        """A caption naming the count and shape, and colour, size, background and position only
-        sometimes (MENTION), in varied word order. Layout choices come from `rng`, synonyms from `own`."""
-        said = {part: rng.random() < p for part, p in MENTION.items()}
-        shape_word = own.choice(SHAPE_WORDS[shape])
-        colour_word = own.choice(COLOUR_WORDS[colour])
-        colour_first = rng.random() < 0.6
-        words = [rng.choice(COUNT_WORDS[count]), rng.choice(SIZE_WORDS[size]) if said["size"] else "",
-                 colour_word if said["colour"] and colour_first else "", shape_word if count == 1 else plural(shape_word)]
-        text = " ".join(w for w in words if w)
-        if said["colour"] and not colour_first:
-            text = rng.choice(COLOUR_AFTER).format(np=text, colour=colour_word)
-        if said["background"]:
-            text = rng.choice(WITH_BACKGROUND).format(np=text, bg=background)
-        if said["where"]:
-            text = rng.choice(WITH_WHERE).format(np=text, where=where)
-        return re.sub(r"\ba (?=[aeiou])", "an ", text)
-
-    def __getitem__(self, key):
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        image, caption, _, _ = self.render(index)
-        rng = random.Random(f"msclip-shapes-aug/{self.seed}/{self.split}/{epoch}/{index}")
-        return self.transform(image, rng), msclip.tokenize(caption)[0]
-
-
-def heldout_prompts():
-    """Zero-shot prompts for the held-out split: (class names, templates) per task. No template
-    word except articles and prepositions occurs in a training caption."""
-    shape_templates = ["a photo of a {}.", "a picture of the {}.", "an illustration of a {}.", "a rendering of a {}.",
-                       "clip art of a {}."]
-    colour_templates = ["a photo of something {}.", "a picture of a {} object.", "an illustration of a {} thing.",
-                        "a rendering of a {} item.", "clip art of a {} figure."]
-    return {"shape": (list(SHAPES), shape_templates), "colour": (list(COLOURS), colour_templates)}
-
+import shapes
 
 # ----------------------------------------------------------------------------------------------
 # Decoding: images (with skip-and-count), captions, uint8 transport, normalisation on the device
@@ -225,11 +36,17 @@ def heldout_prompts():
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")  # image folders
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "0.webp")  # WebDataset extensions, first found is the image
+SKIP_REASONS = ("missing", "corrupt", "empty_caption")
+
+
+class DataError(ValueError):
+    """Data that cannot be read as given (a layout, a column, a label): the scripts print the message
+    without a traceback (eval.EvalError is this class)."""
 
 
 class SkippedSample(Exception):
-    """A sample that cannot be used: reason 'missing', 'corrupt' or 'empty_caption', where = file or
-    shard:key, detail = what went wrong."""
+    """A sample that cannot be used: reason one of SKIP_REASONS, where = file or shard:key, detail =
+    what went wrong."""
 
     def __init__(self, reason, where, detail=None):
         super().__init__(f"{reason}: {where}" + (f" ({detail})" if detail else ""))
@@ -304,31 +121,71 @@ def collate(samples):
 
 
 # ----------------------------------------------------------------------------------------------
-# CSV/TSV files (image path + caption)
+# CSV/TSV files: one reader; training's image-caption rows
 # ----------------------------------------------------------------------------------------------
 
-class CsvCaptions(torch.utils.data.Dataset):
-    """Rows of a CSV/TSV file: image path (relative to the file's folder or absolute) + caption.
+IMAGE_COLUMNS = ("filepath", "path", "image", "image_path", "file", "filename", "img")
+CAPTION_COLUMNS = ("title", "caption", "text", "captions", "sentence")
+LABEL_COLUMNS = ("label", "class", "classname", "target", "category")
 
-    Column names and separator follow OpenCLIP's options. A row whose image is missing or corrupt,
+
+def read_csv(path, separator=None, img_key=None, caption_key=None):
+    """(line number, image path, caption, label) per row of a CSV/TSV file; the image path is joined
+    to the file's folder unless absolute, caption and label are None without such a column.
+
+    Separator: `separator`, else a tab for .tsv files and files whose first line holds one, else a
+    comma. Columns, their names compared ignoring case: img_key / caption_key when given (an error
+    if missing), else the first of IMAGE_COLUMNS / CAPTION_COLUMNS in the header; the label is the
+    first of LABEL_COLUMNS. A first row without an image column is no header: then each row is an
+    image path and a label-or-caption (eval.py's image,label files)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        text = f.read()
+    if separator is None:
+        separator = "\t" if str(path).lower().endswith(".tsv") or "\t" in text.split("\n", 1)[0] else ","
+    rows = [(n, row) for n, row in enumerate(csv.reader(io.StringIO(text), delimiter=separator), start=1) if row]
+    if not rows:
+        raise DataError(f"{path} is empty")
+    header = [name.strip().lower() for name in rows[0][1]]
+
+    def column(key, known):
+        if key is None:
+            return next((header.index(name) for name in known if name in header), None)
+        if key.lower() not in header:
+            raise DataError(f"{path}: no column {key!r} with separator {separator!r} (the header: {rows[0][1]}); "
+                            "set --csv_img_key, --csv_caption_key, --csv_separator")
+        return header.index(key.lower())
+
+    image, caption, label = column(img_key, IMAGE_COLUMNS), column(caption_key, CAPTION_COLUMNS), column(None, LABEL_COLUMNS)
+    if image is None:
+        image, caption, label = 0, 1, 1
+    else:
+        rows = rows[1:]
+        if caption is None and label is None:
+            raise DataError(f"{path}: the header {header} has an image column but no caption "
+                            f"({'/'.join(CAPTION_COLUMNS)}) or label ({'/'.join(LABEL_COLUMNS)}) column")
+    root, out = os.path.dirname(os.path.abspath(path)), []
+    for line, row in rows:
+        if len(row) <= max(c for c in (image, caption, label) if c is not None):
+            raise DataError(f"{path}, line {line}: expected {len(header)} columns, got {row}")
+        cell = lambda c: None if c is None else row[c].strip()  # noqa: E731
+        out.append((line, os.path.join(root, cell(image)), cell(caption), cell(label)))
+    return out
+
+
+class CsvCaptions(torch.utils.data.Dataset):
+    """Rows of a CSV/TSV file (read_csv): image path + caption, for training.
+
+    Separator and column names follow OpenCLIP's options. A row whose image is missing or corrupt,
     or whose caption is empty, is replaced by the next readable row (so every rank keeps its batch
     size) and reported in the sample's `skipped` list. Augmentation is drawn from (seed, epoch, index).
     """
 
     def __init__(self, path, image_size=224, seed=0, separator="\t", img_key="filepath", caption_key="title"):
-        import csv
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            columns = reader.fieldnames or []
-            if img_key not in columns or caption_key not in columns:
-                raise ValueError(f"{path}: no column {img_key!r} and {caption_key!r} with separator {separator!r} "
-                                 f"(found {columns}); set --csv_img_key, --csv_caption_key, --csv_separator")
-            rows = [(row[img_key], row[caption_key]) for row in reader]
+        rows = read_csv(path, separator, img_key, caption_key)
         if not rows:
-            raise ValueError(f"{path}: no rows")
-        root = os.path.dirname(os.path.abspath(path))
-        self.paths = [p if os.path.isabs(p) else os.path.join(root, p) for p, _ in rows]
-        self.captions = [c for _, c in rows]
+            raise DataError(f"{path}: no rows")
+        self.paths = [image for _, image, _, _ in rows]
+        self.captions = [caption for _, _, caption, _ in rows]
         self.seed = seed
         self.transform = PixelTransform(image_size, train=True)
 
@@ -352,7 +209,7 @@ class CsvCaptions(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# WebDataset tar shards: one reader; the training stream (img2dataset); eval's CLIP_benchmark shards
+# WebDataset tar shards: one reader, one sample decoder; the training stream (img2dataset)
 # ----------------------------------------------------------------------------------------------
 
 def expand_shards(spec):
@@ -375,7 +232,7 @@ def expand_shards(spec):
 def read_tar(path):
     """(key, {extension: bytes}) per sample of a tar shard, streamed: consecutive members sharing a
     key (the path up to the file name's first dot) form a sample, a repeated extension starts the
-    next one. A shard that cannot be opened or breaks off ends with (None, {"error": message})."""
+    next one. A shard that cannot be opened or breaks off ends with ("(unreadable)", {"error": why})."""
     key, files = None, {}
     try:
         with tarfile.open(path, mode="r|*") as tar:
@@ -393,10 +250,23 @@ def read_tar(path):
                     key, files = os.path.join(folder, stem), {}
                 files[extension] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
-        yield None, {"error": f"{path}: {type(e).__name__}: {e}"}
+        yield "(unreadable)", {"error": f"{type(e).__name__}: {e}"}
         return
     if files:
         yield key, files
+
+
+def image_and_text(files, where, text="txt"):
+    """The image bytes and the `text` entry (a caption, a .cls label), decoded and stripped, of a
+    read_tar sample. SkippedSample 'corrupt' where the shard broke off, 'missing' without either."""
+    if "error" in files:
+        raise SkippedSample("corrupt", where, files["error"])
+    image = next((files[k] for k in WDS_IMAGE_KEYS if k in files), None)
+    if image is None:
+        raise SkippedSample("missing", where, f"no image among {sorted(files)}")
+    if text not in files:
+        raise SkippedSample("missing", where, f"no .{text}")
+    return image, files[text].decode("utf-8", errors="replace").strip()
 
 
 class ShardStream(torch.utils.data.IterableDataset):
@@ -451,14 +321,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def decode(self, epoch, shard, key, files):
         where = f"{shard}:{key}"
-        if "error" in files:
-            raise SkippedSample("corrupt", files["error"])
-        extension = next((e for e in WDS_IMAGE_KEYS if e in files), None)
-        if extension is None or "txt" not in files:
-            raise SkippedSample("missing", where)
-        caption = clean_caption(files["txt"].decode("utf-8", errors="replace"), where)
+        image, caption = image_and_text(files, where)
+        caption = clean_caption(caption, where)
         rng = random.Random(f"msclip-wds-aug/{self.seed}/{epoch}/{where}")
-        return self.transform(read_image(files[extension], where), rng), msclip.tokenize(caption)[0]
+        return self.transform(read_image(image, where), rng), msclip.tokenize(caption)[0]
 
     def start_of(self, worker):
         """(epoch, group, n) to begin at. A worker without a saved position (more workers than when
@@ -507,91 +373,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation datasets (eval.py): items are (image tensor or None, meta), meta["error"] says why None
-# ----------------------------------------------------------------------------------------------
-
-def transformed(source, transform, meta):
-    """transform(image) or None with meta['error'] set: unreadable images are skipped, not fatal."""
-    try:
-        return transform(read_image(source, meta["id"]))
-    except SkippedSample as e:
-        meta["error"] = e.detail
-        return None
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Images read from files: records are dicts with "path" and "label" and/or "captions"."""
-
-    def __init__(self, records, transform):
-        self.records, self.transform = records, transform
-
-    def __len__(self):
-        return len(self.records)
-
-    def __getitem__(self, index):
-        record = self.records[index]
-        meta = {"id": str(record["path"]), "label": record.get("label"), "captions": record.get("captions")}
-        return transformed(str(record["path"]), self.transform, meta), meta
-
-
-class BenchmarkShards(torch.utils.data.IterableDataset):
-    """CLIP_benchmark's WebDataset shards (read_tar): .webp/.png/.jpg image, .cls label, .txt
-    captions (kind "retrieval"). Split over DataLoader workers by shard."""
-
-    def __init__(self, shards, transform, kind):
-        super().__init__()
-        self.shards, self.transform, self.kind = shards, transform, kind
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        shards = self.shards if info is None else self.shards[info.id::info.num_workers]
-        for shard in shards:
-            for key, entries in read_tar(shard):
-                yield self.decode(f"{os.path.basename(shard)}:{key}", entries)
-
-    def decode(self, sample_id, entries):
-        meta = {"id": sample_id, "label": None, "captions": None}
-        if "error" in entries:
-            meta["error"] = entries["error"]
-            return None, meta
-        data = next((entries[k] for k in WDS_IMAGE_KEYS if k in entries), None)
-        if data is None:
-            meta["error"] = f"no image among {sorted(entries)}"
-            return None, meta
-        if self.kind == "retrieval":
-            if "txt" not in entries:
-                meta["error"] = "no .txt captions"
-                return None, meta
-            meta["captions"] = [c.strip() for c in entries["txt"].decode("utf-8").splitlines() if c.strip()]
-        else:
-            if "cls" not in entries:
-                meta["error"] = "no .cls label"
-                return None, meta
-            try:
-                meta["label"] = int(entries["cls"].decode("utf-8").strip())
-            except ValueError:
-                meta["error"] = f".cls is not an integer: {entries['cls'][:20]!r}"
-                return None, meta
-        return transformed(data, self.transform, meta), meta
-
-
-class SyntheticImages(torch.utils.data.Dataset):
-    """SyntheticCaptions rendered through an eval transform; label = shape or colour."""
-
-    def __init__(self, dataset, attribute, transform):
-        self.dataset, self.attribute, self.transform = dataset, attribute, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        image, caption, shape, colour = self.dataset.render(index)
-        label = shape if self.attribute == "shape" else colour
-        return self.transform(image), {"id": str(index), "label": label, "captions": [caption]}
-
-
-# ----------------------------------------------------------------------------------------------
-# Batches of map-style data: a function of (seed, epoch) only
+# Training: the batches of map-style data, the dataset of a --train_data, the DataLoader of one rank
 # ----------------------------------------------------------------------------------------------
 
 def epoch_batches(num_samples, batch, seed, epoch):
@@ -600,31 +382,6 @@ def epoch_batches(num_samples, batch, seed, epoch):
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(num_samples, generator=generator).tolist()
     return [order[i: i + batch] for i in range(0, num_samples - batch + 1, batch)]
-
-
-def minimal_pair_batches(num_samples, batch, seed, epoch, group_shapes=4, group_colours=2):
-    """One epoch's global micro-batches for SyntheticCaptions, a function of (seed, epoch) only.
-
-    Each batch is made of groups of group_shapes x group_colours samples of one variant: same
-    background, layout, size, count and caption wording, differing only in shape and colour.
-    Within a group, a sample's same-colour partners can only be told apart by shape, so shape
-    matters from the first step (with random batches colour alone separates most pairs and the
-    model never learns shape). The epoch visits every sample once.
-    """
-    shapes, colours = len(SHAPES), len(COLOURS)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    groups = []
-    for variant in range(num_samples // (shapes * colours)):
-        first = variant * shapes * colours
-        shape_order = torch.randperm(shapes, generator=generator).tolist()
-        colour_order = torch.randperm(colours, generator=generator).tolist()
-        for a in range(0, shapes - group_shapes + 1, group_shapes):
-            for b in range(0, colours - group_colours + 1, group_colours):
-                groups.append([first + c * shapes + s for c in colour_order[b: b + group_colours]
-                               for s in shape_order[a: a + group_shapes]])
-    order = torch.randperm(len(groups), generator=generator).tolist()
-    per_batch = batch // (group_shapes * group_colours)
-    return [[i for g in order[j: j + per_batch] for i in groups[g]] for j in range(0, len(order) - per_batch + 1, per_batch)]
 
 
 def map_style_batches(make_epoch, start, rank, micro):
@@ -641,18 +398,13 @@ def map_style_batches(make_epoch, start, rank, micro):
         epoch += 1
 
 
-# ----------------------------------------------------------------------------------------------
-# Training entry: the dataset of a --train_data, and the DataLoader of one rank
-# ----------------------------------------------------------------------------------------------
-
 def open_train_data(kind, source=None, image_size=224, seed=0, synthetic_samples=None, csv_separator="\t",
                     csv_img_key="filepath", csv_caption_key="title", shuffle_buffer=5000, interleave=8):
-    """The training dataset of one kind: 'synthetic' (SyntheticCaptions), 'csv' (CsvCaptions, which
-    raises ValueError for a file without the columns) or 'webdataset' (a ShardStream of the shards
+    """The training dataset of one kind: 'synthetic' (shapes.SyntheticCaptions), 'csv' (CsvCaptions, which
+    raises DataError for a file without the columns) or 'webdataset' (a ShardStream of the shards
     `source` names; train_loader places it on its rank). Map-style datasets have a len()."""
     if kind == "synthetic":
-        return SyntheticCaptions("train", length=synthetic_samples or len(SHAPES) * len(COLOURS) * 1000,
-                                 image_size=image_size, seed=seed)
+        return shapes.SyntheticCaptions("train", synthetic_samples or shapes.DEFAULT_SAMPLES, image_size, seed)
     if kind == "csv":
         return CsvCaptions(source, image_size, seed, csv_separator, csv_img_key, csv_caption_key)
     return ShardStream(expand_shards(source), image_size, seed, shuffle_buffer=shuffle_buffer, interleave=interleave)
@@ -662,7 +414,7 @@ def train_loader(dataset, micro, rank, world_size, workers, seed=0, start_micro_
                  groups=None, pin_memory=False, log=print):
     """This rank's DataLoader of uint8 batches (images, tokens, skipped, stream positions), endless.
 
-    Map-style data: the global micro-batches of each epoch (epoch_batches, or minimal_pair_batches
+    Map-style data: the global micro-batches of each epoch (epoch_batches, or shapes.minimal_pair_batches
     with `groups` = (shapes, colours)), this rank's slice, from micro-batch `start_micro_batch` on.
     WebDataset: the rank's share of the shards from `stream_start` (worker -> position) with the
     workers' turns continued from `start_micro_batch`, at most one DataLoader worker per shard of the rank."""
@@ -679,9 +431,280 @@ def train_loader(dataset, micro, rank, world_size, workers, seed=0, start_micro_
                                            persistent_workers=False)
     global_micro = micro * world_size
     if groups:
-        make_epoch = lambda e: minimal_pair_batches(len(dataset), global_micro, seed, e, *groups)  # noqa: E731
+        make_epoch = lambda e: shapes.minimal_pair_batches(len(dataset), global_micro, seed, e, *groups)  # noqa: E731
     else:
         make_epoch = lambda e: epoch_batches(len(dataset), global_micro, seed, e)  # noqa: E731
     batches = map_style_batches(make_epoch, start_micro_batch, rank, micro)
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
                                        pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation datasets (eval.py): the layouts on disk and the held-out shapes
+# ----------------------------------------------------------------------------------------------
+
+SYNTHETIC = {"synthetic-shape": "shape", "synthetic-colour": "colour", "synthetic-color": "colour"}
+
+
+@dataclass
+class EvalDataset:
+    """One evaluation dataset: where its splits are and what its classes are called. Its images
+    (images()) are items (image tensor or None, meta); meta["error"] says why an image is None."""
+    name: str
+    kind: str                        # folder | csv | wds | synthetic
+    path: str
+    splits: dict                     # split -> records (folder, csv), shard paths (wds), shapes.SyntheticCaptions
+    classnames: list = None          # entries may be lists of synonyms
+    templates: list = None
+    classnames_source: str = None
+    templates_source: str = None
+    label_names: list = None         # folder, csv: how the files name the classes that labels index
+    label_mapping: str = None        # after set_classnames: "by name" or "by sorted folder order"
+    wds_kind: str = "classification"  # CLIP_benchmark's dataset_type: classification | retrieval
+    attribute: str = None            # synthetic: the label, "shape" or "colour"
+
+    def split(self, split):
+        """The split as stored: 'test' falls back to 'val' (folders) and 'heldout' (synthetic)."""
+        for stored in [split] + {"test": ["val", "heldout"], "heldout": ["test"]}.get(split, []):
+            if stored in self.splits:
+                return stored
+        raise DataError(f"dataset {self.name} has no split {split!r} (it has: {', '.join(self.splits) or 'none'})")
+
+    def images(self, split, transform):
+        """(the split as stored, a torch dataset of its (image, meta) items, a fingerprint of its content)."""
+        stored = self.split(split)
+        source = self.splits[stored]
+        if self.kind == "wds":
+            fingerprint = [(str(s.resolve()), s.stat().st_size, s.stat().st_mtime_ns) for s in source] + [self.wds_kind]
+            return stored, BenchmarkShards([str(s) for s in source], transform, self.wds_kind), fingerprint
+        if self.kind == "synthetic":
+            fingerprint = [stored, len(source), source.image_size, source.seed]
+            return stored, SyntheticImages(source, self.attribute, transform), fingerprint
+        fingerprint = [(r["path"], r.get("label"), r.get("captions")) for r in source]
+        return stored, ImageFiles(source, transform), fingerprint
+
+    def set_classnames(self, classnames, source):
+        """Classify into `classnames`: folder and CSV labels become indices of them by name when every
+        label names exactly one class (map_label_names); otherwise folders map by sorted order
+        (torchvision's ImageFolder convention: ImageNet's wnid folders), CSV labels are an error."""
+        if self.label_names:
+            mapping, self.label_mapping = map_label_names(self.label_names, classnames), "by name"
+            if None in mapping and self.kind == "csv":
+                bad = self.label_names[mapping.index(None)]
+                where = next(r["where"] for rs in self.splits.values() for r in rs if r.get("raw_label") == bad)
+                raise DataError(f"label {bad!r} ({where}) is not in the class names or names several "
+                                f"({len(classnames)} classes: {', '.join(synonyms(c)[0] for c in classnames[:5])}, ...); "
+                                "use class indices instead")
+            if None in mapping:
+                if len(self.label_names) != len(classnames):
+                    raise DataError(f"{self.path} has {len(self.label_names)} class folders but there are "
+                                    f"{len(classnames)} class names; folders whose names are not class names "
+                                    "map by sorted order")
+                mapping, self.label_mapping = list(range(len(classnames))), "by sorted folder order"
+            for records in self.splits.values():
+                for r in records:
+                    if "label" in r:
+                        r["label"] = mapping[r["label"]]
+        self.classnames, self.classnames_source = list(classnames), source
+
+
+def name_key(name):
+    """A class or dataset name compared ignoring case and punctuation: Food-101 = food101."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def synonyms(entry):
+    """The names of a class: an entry of a class-name list is a name or a list of synonyms."""
+    return [entry] if isinstance(entry, str) else list(entry)
+
+
+def map_label_names(label_names, classnames):
+    """The index in `classnames` of each label name ('_' read as a space, name_key, any synonym);
+    None where it names no class or several."""
+    index = {}
+    for i, entry in enumerate(classnames):
+        for name in synonyms(entry):
+            index.setdefault(name_key(name), set()).add(i)
+    found = [index.get(name_key(name.replace("_", " ")), set()) for name in label_names]
+    return [next(iter(f)) if len(f) == 1 else None for f in found]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images read from files: records are dicts with "path" and "label" and/or "captions"."""
+
+    def __init__(self, records, transform):
+        self.records, self.transform = records, transform
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        record = self.records[index]
+        meta = {"id": record["path"], "label": record.get("label"), "captions": record.get("captions")}
+        try:
+            return self.transform(read_image(record["path"], meta["id"])), meta
+        except SkippedSample as e:
+            return None, {**meta, "error": e.detail}
+
+
+class BenchmarkShards(torch.utils.data.IterableDataset):
+    """CLIP_benchmark's WebDataset shards (read_tar): .webp/.png/.jpg image, .cls label, .txt
+    captions (kind "retrieval"). Split over DataLoader workers by shard."""
+
+    def __init__(self, shards, transform, kind):
+        super().__init__()
+        self.shards, self.transform, self.kind = shards, transform, kind
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        shards = self.shards if info is None else self.shards[info.id::info.num_workers]
+        for shard in shards:
+            for key, files in read_tar(shard):
+                yield self.decode(f"{os.path.basename(shard)}:{key}", files)
+
+    def decode(self, where, files):
+        meta = {"id": where, "label": None, "captions": None}
+        try:
+            image, text = image_and_text(files, where, "txt" if self.kind == "retrieval" else "cls")
+            if self.kind == "retrieval":
+                meta["captions"] = [line.strip() for line in text.splitlines() if line.strip()]
+            elif re.fullmatch(r"-?\d+", text):
+                meta["label"] = int(text)
+            else:
+                raise SkippedSample("corrupt", where, f".cls is not an integer: {text[:20]!r}")
+            return self.transform(read_image(image, where)), meta
+        except SkippedSample as e:
+            return None, {**meta, "error": e.detail}
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    """shapes.SyntheticCaptions rendered through an eval transform; label = shape or colour."""
+
+    def __init__(self, renders, attribute, transform):
+        self.renders, self.attribute, self.transform = renders, attribute, transform
+
+    def __len__(self):
+        return len(self.renders)
+
+    def __getitem__(self, index):
+        image, caption, shape, colour = self.renders.render(index)
+        label = shape if self.attribute == "shape" else colour
+        return self.transform(image), {"id": str(index), "label": label, "captions": [caption]}
+
+
+def open_dataset(spec, name=None, eval_samples=None, image_size=64):
+    """The EvalDataset of an eval.py --dataset: a synthetic-* name, a CSV/TSV file, or a folder
+    holding CLIP_benchmark shards ({split}/nshards.txt), train.csv / test.csv ..., or class folders."""
+    if spec in SYNTHETIC:
+        return open_synthetic(spec, eval_samples, image_size)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"dataset {spec!r} does not exist (and is not one of {', '.join(SYNTHETIC)})")
+    if path.is_file():
+        if path.suffix.lower() not in (".csv", ".tsv"):
+            raise DataError(f"{path}: a dataset file must be .csv or .tsv")
+        default = path.parent.name if path.stem in ("train", "val", "test") else path.stem
+        return open_csv(path, {"test": path}, name or default)
+    name = name or path.resolve().name
+    wds_splits = {p.parent.name: p.parent for p in sorted(path.glob("*/nshards.txt"))}
+    if wds_splits:
+        return open_wds(path, wds_splits, name)
+    csv_splits = {p.stem: p for p in sorted(path.iterdir()) if p.suffix.lower() in (".csv", ".tsv")
+                  and p.stem in ("train", "val", "test")}
+    if csv_splits:
+        return open_csv(path, csv_splits, name)
+    folder_splits = {s: path / s for s in ("train", "val", "test") if (path / s).is_dir()}
+    if folder_splits:
+        return open_folder(path, folder_splits, name)
+    raise DataError(f"{path}: no dataset layout found (expected train/ test/ val/ class folders, "
+                    "{split}/nshards.txt shards, or train.csv / test.csv)")
+
+
+def open_folder(root, folders, name):
+    """Image folders: {split}/{class}/image. Classes are the sorted sub-folder names; every split must
+    have the same ones, each holding at least one image file."""
+    label_names, splits = None, {}
+    for split, folder in folders.items():
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not classes:
+            raise DataError(f"{folder} has no class sub-folders")
+        if label_names is not None and classes != label_names:
+            diff = sorted(set(classes) ^ set(label_names))
+            raise DataError(f"the class folders of {folder} differ from the other splits' ({', '.join(diff[:5])})")
+        label_names, splits[split] = classes, []
+        for label, cls in enumerate(classes):
+            files = sorted(p for p in (folder / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not files:
+                raise DataError(f"class folder {folder / cls} holds no image files ({', '.join(IMAGE_SUFFIXES)}); "
+                                "remove it or add images")
+            splits[split] += [{"path": str(f), "label": label} for f in files]
+    return EvalDataset(name, "folder", str(root), splits, classnames=[c.replace("_", " ") for c in label_names],
+                       classnames_source="folder names", label_names=label_names)
+
+
+def open_csv(root, files, name):
+    """CSV/TSV splits (read_csv). Rows repeating an image add captions to it (retrieval); labels are
+    class indices, or class names (label_names: sorted, until set_classnames maps them)."""
+    splits, labels = {}, []
+    for split, path in files.items():
+        by_path = {}
+        for line, image, caption, label in read_csv(path):
+            where = f"{path.name}, line {line}"
+            record = by_path.setdefault(image, {"path": image, "where": where})
+            if label is not None:
+                if record.get("raw_label", label) != label:
+                    raise DataError(f"{path}, line {line}: {image} is listed with two labels, "
+                                    f"{record['raw_label']!r} ({record['where']}) and {label!r}")
+                record["raw_label"], record["where"] = label, where
+                labels.append(label)
+            if caption is not None:
+                record.setdefault("captions", []).append(caption)
+        splits[split] = list(by_path.values())
+    integer = bool(labels) and all(re.fullmatch(r"-?\d+", label) for label in labels)
+    label_names = None if integer or not labels else sorted(set(labels))
+    index = {name: i for i, name in enumerate(label_names or [])}
+    for records in splits.values():
+        for r in records:
+            if "raw_label" in r:
+                r["label"] = int(r["raw_label"]) if integer else index[r["raw_label"]]
+    return EvalDataset(name, "csv", str(root), splits, classnames=label_names,
+                       classnames_source="CSV labels" if label_names else None, label_names=label_names)
+
+
+def open_wds(root, folders, name):
+    """CLIP_benchmark's export: {split}/nshards.txt and {split}/0.tar ..., with classnames.txt,
+    zeroshot_classification_templates.txt and dataset_type.txt (classification, retrieval) beside."""
+    splits = {}
+    for split, folder in folders.items():
+        try:
+            n = int((folder / "nshards.txt").read_text().strip())
+        except ValueError as e:
+            raise DataError(f"{folder / 'nshards.txt'} does not hold a number") from e
+        splits[split] = [folder / f"{i}.tar" for i in range(n)]
+        missing = [s for s in splits[split] if not s.is_file()]
+        if missing:
+            raise DataError(f"{folder / 'nshards.txt'} says {n} shards but {missing[0]} is missing")
+
+    def lines(file):
+        path = root / file
+        return [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.is_file() else None
+
+    kind = (lines("dataset_type.txt") or ["classification"])[0].lower()
+    if kind not in ("classification", "retrieval"):
+        raise DataError(f"{root}: dataset_type {kind!r} is not supported (classification or retrieval)")
+    classnames, templates = lines("classnames.txt"), lines("zeroshot_classification_templates.txt")
+    return EvalDataset(name, "wds", str(root), splits, classnames=classnames, templates=templates,
+                       classnames_source="classnames.txt" if classnames else None,
+                       templates_source="zeroshot_classification_templates.txt" if templates else None, wds_kind=kind)
+
+
+def open_synthetic(spec, eval_samples=None, image_size=64):
+    """The held-out evaluation of the built-in data: eval_samples (shapes.EVAL_SAMPLES) renders of
+    shapes.py's "heldout" split, labelled by shape or colour, and as many of "train" for a linear probe.
+    Seed 0 always: every training run, whatever its --seed, is measured on the same images."""
+    attribute = SYNTHETIC[spec]
+    classnames, templates = shapes.heldout_prompts()[attribute]
+    length = eval_samples or shapes.EVAL_SAMPLES
+    splits = {split: shapes.SyntheticCaptions(split, length, image_size, seed=0) for split in ("heldout", "train")}
+    return EvalDataset(spec, "synthetic", spec, splits, classnames=classnames, templates=templates,
+                       classnames_source="shapes.heldout_prompts()", templates_source="shapes.heldout_prompts()",
+                       attribute=attribute)

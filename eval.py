@@ -14,33 +14,27 @@
     # retrieval from a CSV/TSV with a header: filepath<TAB>caption, one row per caption
     python eval.py --checkpoint ckpt.pth --dataset /data/flickr30k/test.tsv --task retrieval
 
-    # the built-in procedural shapes data, held-out split (data.py, what train_ds.py trains on by default)
-    python eval.py --checkpoint runs/x/final.pt --dataset synthetic-colour --dataset synthetic-shape
+    # the held-out evaluation of the built-in shapes data (the figures train_ds.py logs)
+    python eval.py --checkpoint runs/x/msclip.pt --dataset synthetic-shape --dataset synthetic-colour
 
-Protocol (ARCHITECTURE.md §11): the official eval transform (bicubic resize of the shorter side,
-centre crop, ImageNet statistics), fp32. Zero-shot: every template x every synonym of a class is
-encoded and normalised, the class embedding is their mean, re-normalised; logits = 100 * cosine.
-Linear probe (CLIP paper, appendix A.3): frozen unnormalised image features, L2-regularised
-multinomial logistic regression fitted by L-BFGS; the regularisation strength is chosen on a
-validation split held out from train by CLIP's log-spaced search (1e-6..1e6, refined to 8 steps per
-decade), then the model is refitted on train + validation. Retrieval: image->text and text->image
-recall@1/5/10, several captions per image. All accuracies and recalls are percentages.
+Protocol (docs/ARCHITECTURE.md §11), fp32, the official eval transform. Zero-shot: a class embedding is the
+re-normalised mean of its every template x synonym, logits = 100 * cosine. Linear probe (CLIP paper,
+appendix A.3): L2-regularised logistic regression on frozen features by L-BFGS, its strength chosen
+on a validation split by CLIP's search (1e-6..1e6, refined to 1/8 decade), then refitted on train +
+validation. Retrieval: recall@1/5/10 both ways, several captions per image. Results in percent.
 
-Datasets (--dataset, repeatable):
+--dataset (repeatable; data.open_dataset reads it):
   DIR with train/ test/ (or val/) holding one sub-folder per class   image folder
   DIR with {split}/nshards.txt and {split}/0.tar ...                 CLIP_benchmark WebDataset
-  FILE.csv / FILE.tsv (the evaluated split), or DIR with train.csv, test.csv, ...
-        a header names the columns: image (filepath/path/image/file), label (label/class/target)
-        or caption (caption/title/text); without a known header: path, label-or-caption
-  synthetic-shape, synthetic-colour                                  data.py's held-out shapes split
+  FILE.csv / FILE.tsv (the evaluated split), or DIR with train.csv, test.csv, ...; a header names
+        the image (filepath/path/image/file), label (label/class/target) or caption (caption/title/text)
+        columns; without a known header: path, label-or-caption
+  synthetic-shape, synthetic-colour        --eval-samples fixed renders of shapes.py's held-out split
 Class names and templates: --classnames/--templates files, else --dataset-name (the bundled
-assets/zeroshot_prompts.json), else the dataset's own (classnames.txt, folder names, CSV labels),
-with the 80 ImageNet templates when the dataset has none.
+assets/zeroshot_prompts.json), else the dataset's own, with the 80 ImageNet templates by default.
 """
 import argparse
-import csv
 import hashlib
-import io
 import json
 import os
 import re
@@ -52,11 +46,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 import msclip
+import shapes
 
-SYNTHETIC = {"synthetic-shape": "shape", "synthetic-colour": "colour", "synthetic-color": "colour"}
 TASKS = ("zeroshot", "linear-probe", "retrieval")
 # Other spellings of the bundled prompt lists' names (assets/README.md, CLIP_benchmark names).
 PROMPT_ALIASES = {"imagenet1k": "ImageNet", "food": "Food101", "cars": "StanfordCars", "aircraft": "FGVCAircraft",
@@ -64,10 +59,8 @@ PROMPT_ALIASES = {"imagenet1k": "ImageNet", "food": "Food101", "cars": "Stanford
                   "flowers": "Flowers102", "fer2013": "FacialEmotionRecognition2013", "gtsrb": "GTSRB",
                   "pcam": "PatchCamelyon", "kittidistance": "KITTI", "renderedsst2": "SST2", "stl10": "STL10",
                   "hatefulmemes": "HatefulMemes", "eurosat": "EuroSAT", "resisc45": "RESISC45"}
-
-
-class EvalError(Exception):
-    """A problem with the inputs (checkpoint, dataset, prompts): main() prints it without a traceback."""
+# A problem with the inputs (checkpoint, dataset, prompts), a ValueError: main() prints it without a traceback.
+EvalError = data.DataError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,18 +92,10 @@ def classification_metrics(logits, labels):
 
 def roc_auc(scores, positive):
     """Area under the ROC curve = P(score of a random positive > score of a random negative), ties
-    counted half (Mann-Whitney U from average ranks)."""
+    counted half: the Mann-Whitney U statistic from the scores' average ranks."""
     scores, positive = scores.double().cpu().numpy(), positive.cpu().numpy().astype(bool)
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    start = 0
-    while start < len(scores):  # average ranks over runs of equal scores
-        end = start
-        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based, the mean rank of equal scores
     n_pos, n_neg = positive.sum(), (~positive).sum()
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
@@ -250,17 +235,12 @@ def linear_probe(train_features, train_labels, test_features, test_labels, val_f
 # Prompts
 # ----------------------------------------------------------------------------------------------
 
-def _name_key(name):
-    return re.sub(r"[^a-z0-9]", "", name.lower())
-
-
 def bundled_prompts(name):
-    """(classes, templates) of a dataset in assets/zeroshot_prompts.json, looked up ignoring case and
-    punctuation (Food-101 = Food101), with a few aliases (dtd, pets, fer2013, imagenet1k, ...)."""
+    """(key, classes, templates) of a dataset in assets/zeroshot_prompts.json, looked up ignoring case
+    and punctuation (Food-101 = Food101), with a few aliases (dtd, pets, fer2013, imagenet1k, ...)."""
     table = json.loads((msclip.ASSETS / "zeroshot_prompts.json").read_text(encoding="utf-8"))
-    keys = {_name_key(k): k for k in table}
-    keys.update({k: v for k, v in PROMPT_ALIASES.items()})
-    key = keys.get(_name_key(name)) or keys.get(_name_key(re.sub(r"^wds_", "", name)))
+    keys = {**{data.name_key(k): k for k in table}, **PROMPT_ALIASES}
+    key = keys.get(data.name_key(name)) or keys.get(data.name_key(re.sub(r"^wds_", "", name)))
     if key is None:
         raise EvalError(f"no bundled prompts for dataset name {name!r}; known: {', '.join(sorted(table))}")
     return key, table[key]["classes"], table[key]["templates"]
@@ -274,12 +254,11 @@ def read_list(path, what):
         raise EvalError(f"{what} file {path} does not exist")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        data = json.loads(text)
-        if isinstance(data, dict):
-            data = data.get("classes" if what == "class names" else "templates")
-        if not isinstance(data, list):
+        items = json.loads(text)
+        if isinstance(items, dict):
+            items = items.get("classes" if what == "class names" else "templates")
+        if not isinstance(items, list):
             raise EvalError(f"{path}: expected a JSON list of {what}")
-        items = data
     else:
         items = [line.strip() for line in text.splitlines() if line.strip()]
     if not items:
@@ -296,44 +275,36 @@ def fill_template(template, name):
     raise EvalError(f"template {template!r} has no '{{}}' or '{{c}}' for the class name")
 
 
-def synonyms(entry):
-    return [entry] if isinstance(entry, str) else list(entry)
+def apply_prompts(dataset, classnames=None, templates=None, prompt_name=None):
+    """Decide the dataset's class names and templates: --classnames/--templates files > prompt_name's
+    bundled lists > the dataset's own > the 80 ImageNet templates."""
+    names_source, templates_source = "--classnames", "--templates"
+    if prompt_name:
+        key, names, bundled = bundled_prompts(prompt_name)
+        where = f"assets/zeroshot_prompts.json[{key}]"
+        classnames, names_source = (classnames, names_source) if classnames else (names, where)
+        templates, templates_source = (templates, templates_source) if templates else (bundled, where)
+    if classnames:
+        dataset.set_classnames(classnames, names_source)
+    if templates:
+        dataset.templates, dataset.templates_source = list(templates), templates_source
+    elif not dataset.templates:
+        dataset.templates, dataset.templates_source = bundled_prompts("ImageNet")[2], "ImageNet's 80 templates (default)"
+    return dataset
 
 
-def display_name(entry):
-    return synonyms(entry)[0]
+def open_named_dataset(spec, eval_samples=None, image_size=64):
+    """The dataset of '[NAME=]PATH' (train_ds.py's and ablate.py's --eval_dataset) with its prompts:
+    NAME picks the bundled class names and templates, as --dataset-name does. PATH may be
+    synthetic-shape / synthetic-colour: eval_samples renders of the held-out shapes."""
+    name, _, path = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
+    return apply_prompts(data.open_dataset(path, name or None, eval_samples, image_size), prompt_name=name or None)
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoding
+# Encoding, shared by the ranks of a process group (train_ds.py's): each encodes its part, every
+# rank gets the whole result, so that any error is raised on every rank alike
 # ----------------------------------------------------------------------------------------------
-
-class Progress:
-    """A one-line progress report on stderr (redrawn on a terminal, every ~10 s otherwise)."""
-
-    def __init__(self, what, total=None, quiet=False):
-        self.what, self.total, self.quiet = what, total, quiet
-        self.done = 0
-        self.start = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, n):
-        self.done += n
-        now = time.time()
-        if not self.quiet and (now - self.last > (0.2 if self.tty else 10)):
-            self.last = now
-            self._print("\r" if self.tty else "", "\n" if not self.tty else "")
-
-    def close(self, note=""):
-        if not self.quiet:
-            self._print("\r" if self.tty else "", f"{note}\n")
-
-    def _print(self, prefix, suffix):
-        rate = self.done / max(time.time() - self.start, 1e-9)
-        of = f"/{self.total}" if self.total else ""
-        sys.stderr.write(f"{prefix}{self.what}: {self.done}{of} ({rate:.0f}/s){suffix}")
-        sys.stderr.flush()
-
 
 def autocast(device, precision):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -342,17 +313,15 @@ def autocast(device, precision):
 @torch.no_grad()
 def encode_texts(model, texts, device="cpu", precision="fp32", batch_size=256, official_truncation=False, group=None):
     """Normalised text embeddings [N, D] (fp32, on the CPU). Tokens are trimmed on the host. With a
-    process group, each rank encodes its block of the texts (see gather_from_ranks)."""
+    process group, each rank encodes its block of the texts."""
     start, stop = rank_block(len(texts), group)
     out = []
     for i in range(start, stop, batch_size):
         tokens = msclip.tokenize(texts[i:min(i + batch_size, stop)], model.config.context_length,
                                  eot_when_truncated=not official_truncation)
-        tokens = msclip.trim_padding(tokens).to(device)
         with autocast(device, precision):
-            out.append(model.encode_text(tokens, normalize=False).float().cpu())
-    out = gather_from_ranks(out, group)
-    return F.normalize(torch.cat(out), dim=-1)
+            out.append(model.encode_text(msclip.trim_padding(tokens).to(device), normalize=False).float().cpu())
+    return F.normalize(torch.cat(gather_from_ranks(out, group)), dim=-1)
 
 
 def zeroshot_classifier(model, classnames, templates, device="cpu", precision="fp32", batch_size=256, group=None):
@@ -360,43 +329,13 @@ def zeroshot_classifier(model, classnames, templates, device="cpu", precision="f
     averaged, re-normalised (ARCHITECTURE §11). Prompts are tokenised like the official eval."""
     prompts, owner = [], []
     for c, entry in enumerate(classnames):
-        for name in synonyms(entry):
-            for template in templates:
-                prompts.append(fill_template(template, name))
-                owner.append(c)
+        for name in data.synonyms(entry):
+            prompts += [fill_template(template, name) for template in templates]
+            owner += [c] * len(templates)
     embeddings = encode_texts(model, prompts, device, precision, batch_size, official_truncation=True, group=group)
     sums = torch.zeros(len(classnames), embeddings.shape[1]).index_add_(0, torch.tensor(owner), embeddings)
     counts = torch.bincount(torch.tensor(owner), minlength=len(classnames))
     return F.normalize(sums / counts[:, None], dim=-1)
-
-
-@torch.no_grad()
-def zero_shot_heldout(model, image_size, seed=0, samples=512, batch=128, device="cpu", workers=0, group=None):
-    """The trainer's built-in check: zero-shot accuracy {task: fraction} on `samples` new renders of
-    data.py's held-out split, classified with data.heldout_prompts() through the eval transform.
-    With a process group, each rank encodes its block of the renders (see encode_images)."""
-    was_training = model.training
-    model.eval()
-    renders = data.SyntheticCaptions("heldout", length=samples, image_size=image_size, seed=seed)
-    classifiers = {}
-    for task, (names, templates) in data.heldout_prompts().items():
-        rows = []
-        for name in names:
-            tokens = msclip.trim_padding(msclip.tokenize([t.format(name) for t in templates]))
-            features = model.encode_text(tokens.to(device))
-            rows.append(F.normalize(features.float().mean(0), dim=-1))
-        classifiers[task] = torch.stack(rows).cpu()
-    images = data.SyntheticImages(renders, "shape", msclip.ImageTransform(image_size))
-    features = encode_images(model, images, device, "fp32", batch, workers, "held-out renders", True, group)["features"]
-    model.train(was_training)
-    truth = torch.tensor([renders.labels(i) for i in range(samples)])  # (shape, colour): the features keep this order
-    correct = {task: int(((features @ classifiers[task].T).argmax(-1) == truth[:, column]).sum())
-               for task, column in (("shape", 0), ("colour", 1))}
-    return {task: n / samples for task, n in correct.items()}
-
-
-def _collate(batch):
-    return batch
 
 
 @torch.no_grad()   # not inference_mode: the linear probe differentiates through these features
@@ -406,28 +345,27 @@ def encode_images(model, dataset, device="cpu", precision="fp32", batch_size=64,
 
     Returns {"features" [N, D] fp32, "labels" LongTensor [N] or None, "captions" list or None,
     "skipped": count of images that could not be read, "skipped_examples": the first few, with why}.
-    Map-style datasets keep their order. With a process group, each rank encodes its part (a block
-    of a map-style dataset, every world-size-th shard of BenchmarkShards) and every rank returns the
-    whole result, so that any error is raised on every rank alike.
+    Map-style datasets keep their order. With a process group, each rank encodes its part (rank_part).
     """
     part = rank_part(dataset, group)
-    total = len(part) if hasattr(part, "__len__") else None
     # its own generator: the workers' seeds must not come from (and move) a training's random state
-    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+    loader = torch.utils.data.DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=list,
                                          generator=torch.Generator())
     features, labels, captions, skipped = [], [], [], []
-    progress = Progress(f"encoding {what}", total, quiet)
-    for batch in loader:
-        good = [(image, meta) for image, meta in batch if image is not None]
-        skipped += [f"{meta['id']}: {meta['error']}" for image, meta in batch if image is None]
-        if good:
-            images = torch.stack([image for image, _ in good]).to(device)
-            with autocast(device, precision):
-                features.append(model.encode_image(images, normalize=False).float().cpu())
-            labels += [meta.get("label") for _, meta in good]
-            captions += [meta.get("captions") for _, meta in good]
-        progress.update(len(batch))
-    progress.close(f", {len(skipped)} skipped" if skipped else "")
+    with tqdm(total=len(part) if hasattr(part, "__len__") else None, desc=f"encoding {what}", unit="image",
+              disable=quiet) as progress:
+        for batch in loader:
+            good = [(image, meta) for image, meta in batch if image is not None]
+            skipped += [f"{meta['id']}: {meta['error']}" for image, meta in batch if image is None]
+            if good:
+                with autocast(device, precision):
+                    images = torch.stack([image for image, _ in good]).to(device)
+                    features.append(model.encode_image(images, normalize=False).float().cpu())
+                labels += [meta["label"] for _, meta in good]
+                captions += [meta["captions"] for _, meta in good]
+            progress.update(len(batch))
+            if skipped:
+                progress.set_postfix(skipped=len(skipped))
     if group is not None:
         parts = gather_from_ranks([(features, labels, captions, skipped)], group)
         features, labels, captions, skipped = ([x for part in parts for x in part[i]] for i in range(4))
@@ -435,33 +373,27 @@ def encode_images(model, dataset, device="cpu", precision="fp32", batch_size=64,
         raise EvalError(f"no image of {what} could be read ({len(skipped)} skipped"
                         + (f", e.g. {skipped[0]})" if skipped else ")"))
     return {"features": torch.cat(features),
-            "labels": torch.tensor(labels, dtype=torch.long) if all(l is not None for l in labels) else None,
-            "captions": captions if all(c is not None for c in captions) else None,
+            "labels": torch.tensor(labels, dtype=torch.long) if None not in labels else None,
+            "captions": captions if None not in captions else None,
             "skipped": len(skipped), "skipped_examples": skipped[:10]}
 
-
-# ----------------------------------------------------------------------------------------------
-# Several processes (train_ds.py's ranks): each encodes its part, every one gets the whole result
-# ----------------------------------------------------------------------------------------------
 
 def rank_block(count, group):
     """[start, stop) of this rank's contiguous block of `count` items (all of them without a group):
     gathered in rank order, the blocks keep the items' order."""
     if group is None:
         return 0, count
-    import torch.distributed as dist
-    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    rank, world_size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
     return rank * count // world_size, (rank + 1) * count // world_size
 
 
 def rank_part(dataset, group):
-    """This rank's part of an evaluation dataset: every world-size-th shard of a shard stream (the
-    shards are not split further), a block of a map-style dataset."""
+    """This rank's part of an evaluation dataset: every world-size-th shard of CLIP_benchmark shards
+    (a shard is not split further), a block of a map-style dataset."""
     if group is None:
         return dataset
     if isinstance(dataset, data.BenchmarkShards):
-        import torch.distributed as dist
-        rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+        rank, world_size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
         return data.BenchmarkShards(dataset.shards[rank::world_size], dataset.transform, dataset.kind)
     return torch.utils.data.Subset(dataset, range(*rank_block(len(dataset), group)))
 
@@ -471,354 +403,18 @@ def gather_from_ranks(items, group):
     group). A gloo group: the items are sent from host memory, as CPU tensors and Python objects."""
     if group is None:
         return items
-    import torch.distributed as dist
-    everyone = [None] * dist.get_world_size(group)
-    dist.all_gather_object(everyone, items, group=group)
+    everyone = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(everyone, items, group=group)
     return [item for part in everyone for item in part]
 
 
 # ----------------------------------------------------------------------------------------------
-# Datasets on disk
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class EvalDataset:
-    """What eval.py knows about one --dataset: where its splits are and what its classes are called."""
-    name: str
-    kind: str                        # folder | csv | wds | synthetic
-    path: str
-    splits: dict                     # split name -> folder / csv file / shard list / SyntheticCaptions
-    classnames: list = None          # the dataset's own class names (entries may be synonym lists)
-    templates: list = None
-    label_names: list = None         # folder/csv: how the data names its classes (raw labels)
-    wds_kind: str = "classification"
-    records: dict = field(default_factory=dict)   # folder/csv: split -> records (label = class index)
-    classnames_source: str = None
-    templates_source: str = None
-    label_mapping: str = None        # folder/csv with given class names: "by name" or "by sorted folder order"
-    attribute: str = None            # synthetic: which label ("shape" or "colour")
-    settings: dict = None            # synthetic: SyntheticCaptions arguments
-
-
-def resolve_split(dataset, split):
-    """The split as stored: 'test' falls back to 'val' for folders (and 'heldout' for synthetic)."""
-    if split in dataset.splits:
-        return split
-    fallbacks = {"test": ["val", "heldout"], "heldout": ["test"]}.get(split, [])
-    for other in fallbacks:
-        if other in dataset.splits:
-            return other
-    raise EvalError(f"dataset {dataset.name} has no split {split!r} (it has: {', '.join(dataset.splits) or 'none'})")
-
-
-def open_dataset(spec, name=None, synthetic_size=None, image_size=64):
-    """An EvalDataset from a --dataset value (see the module docstring for the layouts)."""
-    if spec in SYNTHETIC:
-        return open_synthetic(spec, synthetic_size, image_size)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise EvalError(f"dataset {spec!r} does not exist (and is not one of {', '.join(SYNTHETIC)})")
-    if path.is_file():
-        if path.suffix.lower() not in (".csv", ".tsv"):
-            raise EvalError(f"{path}: a dataset file must be .csv or .tsv")
-        default = path.parent.name if path.stem in ("train", "val", "test") else path.stem
-        return open_csv(path, {"test": path}, name or default)
-    name = name or path.resolve().name
-    wds_splits = {p.parent.name: p.parent for p in sorted(path.glob("*/nshards.txt"))}
-    if wds_splits:
-        return open_wds(path, wds_splits, name)
-    csv_splits = {p.stem: p for p in sorted(path.iterdir()) if p.suffix.lower() in (".csv", ".tsv")
-                  and p.stem in ("train", "val", "test")}
-    if csv_splits:
-        return open_csv(path, csv_splits, name)
-    folder_splits = {s: path / s for s in ("train", "val", "test") if (path / s).is_dir()}
-    if folder_splits:
-        return open_folder(path, folder_splits, name)
-    raise EvalError(f"{path}: no dataset layout found (expected train/ test/ val/ class folders, "
-                    "{split}/nshards.txt shards, or train.csv / test.csv)")
-
-
-def open_folder(root, splits, name):
-    """Image folders: {split}/{class}/image. Classes are the sorted sub-folder names; every split must
-    have the same ones, each holding at least one image file."""
-    label_names, records = None, {}
-    for split, folder in splits.items():
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-        if not classes:
-            raise EvalError(f"{folder} has no class sub-folders")
-        if label_names is not None and classes != label_names:
-            diff = sorted(set(classes) ^ set(label_names))
-            raise EvalError(f"the class folders of {folder} differ from the other splits' ({', '.join(diff[:5])})")
-        label_names = classes
-        records[split] = []
-        for label, cls in enumerate(classes):
-            files = sorted(p for p in (folder / cls).rglob("*") if p.suffix.lower() in data.IMAGE_SUFFIXES and p.is_file())
-            if not files:
-                raise EvalError(f"class folder {folder / cls} holds no image files ({', '.join(data.IMAGE_SUFFIXES)}); "
-                                "remove it or add images")
-            records[split] += [{"path": str(f), "label": label} for f in files]
-    return EvalDataset(name, "folder", str(root), splits, label_names=label_names, records=records,
-                       classnames=[c.replace("_", " ") for c in label_names], classnames_source="folder names")
-
-
-IMAGE_COLUMNS = ("filepath", "path", "image", "image_path", "file", "filename", "img")
-LABEL_COLUMNS = ("label", "class", "classname", "target", "category")
-CAPTION_COLUMNS = ("caption", "title", "text", "captions", "sentence")
-
-
-def read_csv_rows(path):
-    """(image column, label column, caption column, rows with their line numbers) of a CSV/TSV file."""
-    text = path.read_text(encoding="utf-8-sig")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or ("\t" in text.split("\n", 1)[0]) else ","
-    rows = [(n, row) for n, row in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), start=1) if row]
-    if not rows:
-        raise EvalError(f"{path} is empty")
-    header = [h.strip().lower() for h in rows[0][1]]
-    image_col = next((header.index(c) for c in IMAGE_COLUMNS if c in header), None)
-    if image_col is None:
-        return 0, 1, 1, rows   # no header: path, label-or-caption
-    label_col = next((header.index(c) for c in LABEL_COLUMNS if c in header), None)
-    caption_col = next((header.index(c) for c in CAPTION_COLUMNS if c in header), None)
-    if label_col is None and caption_col is None:
-        raise EvalError(f"{path}: the header {rows[0][1]} has an image column but no label "
-                        f"({'/'.join(LABEL_COLUMNS)}) or caption ({'/'.join(CAPTION_COLUMNS)}) column")
-    return image_col, label_col, caption_col, rows[1:]
-
-
-def open_csv(root, splits, name):
-    """CSV/TSV splits. Image paths are relative to the file's folder. Rows repeating an image add
-    captions to it (retrieval); labels are class indices or class names (mapped once names are known)."""
-    records, all_labels = {}, []
-    for split, path in splits.items():
-        image_col, label_col, caption_col, rows = read_csv_rows(path)
-        by_path = {}
-        for line, row in rows:
-            if len(row) <= max(c for c in (image_col, label_col, caption_col) if c is not None):
-                raise EvalError(f"{path}, line {line}: expected more columns, got {row}")
-            image = (path.parent / row[image_col].strip()).resolve()
-            record = by_path.setdefault(str(image), {"path": str(image), "where": f"{path.name}, line {line}"})
-            if label_col is not None:
-                label = row[label_col].strip()
-                if record.get("raw_label", label) != label:
-                    raise EvalError(f"{path}, line {line}: {row[image_col]} is listed with two labels, "
-                                    f"{record['raw_label']!r} ({record['where']}) and {label!r}")
-                record["raw_label"], record["where"] = label, f"{path.name}, line {line}"
-                all_labels.append(label)
-            if caption_col is not None:
-                record.setdefault("captions", []).append(row[caption_col].strip())
-        records[split] = list(by_path.values())
-    integer = bool(all_labels) and all(re.fullmatch(r"-?\d+", l) for l in all_labels)
-    label_names = None if integer or not all_labels else sorted(set(all_labels))
-    for split_records in records.values():
-        for r in split_records:
-            if "raw_label" in r:
-                r["label"] = int(r["raw_label"]) if integer else label_names.index(r["raw_label"])
-    return EvalDataset(name, "csv", str(root), splits, label_names=label_names, records=records,
-                       classnames=label_names, classnames_source="CSV labels" if label_names else None)
-
-
-def open_wds(root, splits, name):
-    shards = {}
-    for split, folder in splits.items():
-        try:
-            n = int((folder / "nshards.txt").read_text().strip())
-        except ValueError as e:
-            raise EvalError(f"{folder / 'nshards.txt'} does not hold a number") from e
-        shards[split] = [folder / f"{i}.tar" for i in range(n)]
-        missing = [s for s in shards[split] if not s.is_file()]
-        if missing:
-            raise EvalError(f"{folder / 'nshards.txt'} says {n} shards but {missing[0]} is missing")
-    kind = (root / "dataset_type.txt").read_text().strip().lower() if (root / "dataset_type.txt").is_file() else "classification"
-    if kind not in ("classification", "retrieval"):
-        raise EvalError(f"{root}: dataset_type {kind!r} is not supported (classification or retrieval)")
-    classnames = templates = None
-    if (root / "classnames.txt").is_file():
-        classnames = [l.strip() for l in (root / "classnames.txt").read_text(encoding="utf-8").splitlines() if l.strip()]
-    if (root / "zeroshot_classification_templates.txt").is_file():
-        templates = [l.strip() for l in (root / "zeroshot_classification_templates.txt").read_text(encoding="utf-8").splitlines()
-                     if l.strip()]
-    return EvalDataset(name, "wds", str(root), shards, classnames=classnames, templates=templates, wds_kind=kind,
-                       classnames_source="classnames.txt" if classnames else None,
-                       templates_source="zeroshot_classification_templates.txt" if templates else None)
-
-
-def open_synthetic(spec, size=None, image_size=64):
-    """data.py's procedural shapes: 'heldout' is evaluated, 'train' serves the linear probe."""
-    attribute = SYNTHETIC[spec]
-    classnames, templates = data.heldout_prompts()[attribute]
-    kwargs = {"image_size": image_size}
-    if size:
-        kwargs["length"] = size
-
-    splits = {"heldout": lambda: data.SyntheticCaptions("heldout", **kwargs),
-              "train": lambda: data.SyntheticCaptions("train", **kwargs)}
-    return EvalDataset(spec, "synthetic", spec, splits, classnames=list(classnames), templates=list(templates),
-                       classnames_source="data.heldout_prompts()", templates_source="data.heldout_prompts()",
-                       attribute=attribute, settings=kwargs)
-
-
-def apply_prompts(dataset, classnames=None, templates=None, prompt_name=None):
-    """Decide the class names and templates (--classnames/--templates files > --dataset-name's bundled
-    list > the dataset's own > the 80 ImageNet templates), then turn folder/CSV labels into indices
-    of those class names."""
-    names_source, templates_source = "--classnames" if classnames else None, "--templates" if templates else None
-    if prompt_name:
-        key, names, temps = bundled_prompts(prompt_name)
-        if classnames is None:
-            classnames, names_source = names, f"assets/zeroshot_prompts.json[{key}]"
-        if templates is None:
-            templates, templates_source = temps, f"assets/zeroshot_prompts.json[{key}]"
-    if classnames is not None:
-        if dataset.kind in ("folder", "csv") and dataset.label_names:
-            remap = map_label_names(dataset, classnames)
-            for records in dataset.records.values():
-                for r in records:
-                    if "label" in r:
-                        r["label"] = remap[r["label"]]
-        dataset.classnames, dataset.classnames_source = list(classnames), names_source
-    if templates is not None:
-        dataset.templates, dataset.templates_source = list(templates), templates_source
-    elif not dataset.templates:
-        dataset.templates = bundled_prompts("ImageNet")[2]
-        dataset.templates_source = "ImageNet's 80 templates (default)"
-    return dataset
-
-
-def open_named_dataset(spec, synthetic_size=None, image_size=64):
-    """An EvalDataset with its prompts from '[NAME=]PATH' (train_ds.py's and ablate.py's --eval_dataset):
-    NAME picks the bundled class names and templates, as --dataset-name does."""
-    name, _, path = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
-    return apply_prompts(open_dataset(path, name or None, synthetic_size, image_size), prompt_name=name or None)
-
-
-def map_label_names(dataset, classnames):
-    """Old label index -> index in `classnames`. By name when every folder/CSV label names exactly one
-    class; otherwise folders map by sorted order (torchvision's ImageFolder convention: ImageNet's wnid
-    folders), which needs as many folders as classes. A CSV label that names no class is an error."""
-    index = {}
-    for i, entry in enumerate(classnames):
-        for name in synonyms(entry):
-            index.setdefault(_name_key(name), set()).add(i)
-    found = [index.get(_name_key(n.replace("_", " ")), set()) for n in dataset.label_names]
-    if all(len(f) == 1 for f in found):
-        dataset.label_mapping = "by name"
-        return [next(iter(f)) for f in found]
-    if dataset.kind == "csv":
-        bad = next(n for n, f in zip(dataset.label_names, found) if len(f) != 1)
-        where = next(r["where"] for rs in dataset.records.values() for r in rs if r.get("raw_label") == bad)
-        problem = "is not in the class names" if not index.get(_name_key(bad)) else "names several classes"
-        raise EvalError(f"label {bad!r} ({where}) {problem} ({len(classnames)} classes: "
-                        f"{', '.join(display_name(c) for c in classnames[:5])}, ...); use class indices instead")
-    if len(dataset.label_names) != len(classnames):
-        raise EvalError(f"{dataset.path} has {len(dataset.label_names)} class folders but there are "
-                        f"{len(classnames)} class names; folders whose names are not class names map by sorted order")
-    dataset.label_mapping = "by sorted folder order"
-    return list(range(len(classnames)))
-
-
-def split_images(dataset, split, transform):
-    """The torch dataset yielding (image, meta) for one split, and a fingerprint of its content."""
-    stored = resolve_split(dataset, split)
-    if dataset.kind in ("folder", "csv"):
-        records = dataset.records[stored]
-        fingerprint = [(r["path"], r.get("label"), r.get("captions")) for r in records]
-        return stored, data.ImageFiles(records, transform), fingerprint
-    if dataset.kind == "wds":
-        shards = dataset.splits[stored]
-        fingerprint = [(str(s.resolve()), s.stat().st_size, s.stat().st_mtime_ns) for s in shards] + [dataset.wds_kind]
-        return stored, data.BenchmarkShards([str(s) for s in shards], transform, dataset.wds_kind), fingerprint
-    synthetic = dataset.splits[stored]()
-    return stored, data.SyntheticImages(synthetic, dataset.attribute, transform), [dataset.settings, stored, len(synthetic)]
-
-
-# ----------------------------------------------------------------------------------------------
-# Models and the feature cache
-# ----------------------------------------------------------------------------------------------
-
-def load_model(checkpoint=None, preset=None, device="cpu", seed=0):
-    """(model in eval mode on `device`, identity for the cache). A checkpoint is this project's
-    {"msclip_config", "state_dict"} or a released MS-CLIP-S state dict (weights_only loading); with
-    --model too, a bare state dict of this project's keys also loads into that preset."""
-    if checkpoint is None:
-        if preset is None:
-            raise EvalError("give --checkpoint PATH (or --model PRESET for a randomly initialised model)")
-        if preset not in msclip.PRESETS:
-            raise EvalError(f"unknown preset {preset!r}; choose one of {', '.join(msclip.PRESETS)}")
-        torch.manual_seed(seed)
-        model = msclip.create_model(preset)
-        identity = {"preset": preset, "seed": seed}
-    else:
-        path = Path(checkpoint).expanduser()
-        if path.is_dir():
-            raise EvalError(f"{path} is a directory (a DeepSpeed checkpoint?): export it to one file first, "
-                            f"python train_ds.py --checkpoint {path} --export msclip.pt")
-        if not path.is_file():
-            raise EvalError(f"checkpoint {path} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle refusals, zip errors, garbage: all mean "not a weights file"
-            raise EvalError(f"{path} is not a checkpoint torch.load(weights_only=True) can read: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-        model = model_from_state(state, path, preset)
-        stat = path.stat()
-        identity = {"checkpoint": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return model.to(device).eval(), identity
-
-
-def model_from_state(state, path, preset=None):
-    if isinstance(state, dict) and "msclip_config" not in state and "visual.positional_embedding" not in state:
-        wrapped = [k for k in ("state_dict", "module", "model") if isinstance(state.get(k), dict)]
-        if len(wrapped) == 1:   # {"state_dict": {...}}, DeepSpeed's {"module": {...}}, ...
-            state = state[wrapped[0]]
-        if isinstance(state, dict) and state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-            state = {k[len("module."):]: v for k, v in state.items()}
-    if isinstance(state, dict) and preset and "msclip_config" not in state and "visual.positional_embedding" not in state:
-        model = msclip.create_model(preset)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            detail = " ".join(line.strip() for line in str(e).splitlines()[1:])
-            raise EvalError(f"{path} does not fit preset {preset}: {detail[:300]}") from e
-        return model
-    try:
-        return msclip.load_checkpoint(state)
-    except (ValueError, TypeError, KeyError) as e:
-        raise EvalError(f"{path}: {e}") from e
-
-
-def _digest(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def cached(cache_dir, key, compute, quiet=False):
-    """compute() once per key: results are torch.save'd under cache_dir/<hash>.pt and read back with
-    weights_only=True. An unreadable or foreign cache file is recomputed."""
-    if not cache_dir:
-        return compute()
-    path = Path(cache_dir).expanduser() / f"{_digest(key)}.pt"
-    if path.is_file():
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(stored, dict) and stored.get("key") == json.loads(json.dumps(key, default=str)):
-                if not quiet:
-                    sys.stderr.write(f"cached: {path}\n")
-                return stored["value"]
-        except Exception as e:
-            sys.stderr.write(f"ignoring unreadable cache file {path}: {type(e).__name__}\n")
-    value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save({"key": json.loads(json.dumps(key, default=str)), "value": value}, tmp)
-    os.replace(tmp, path)
-    return value
-
-
-# ----------------------------------------------------------------------------------------------
-# Running the tasks
+# The tasks
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
 class Settings:
+    """How evaluate() runs: eval.py's options; train_ds.py's ranks share the encoding over `group`."""
     tasks: list
     split: str = "test"
     train_split: str = "train"
@@ -832,8 +428,8 @@ class Settings:
     seed: int = 0
     cache_dir: str = None
     quiet: bool = False
-    group: object = None  # a gloo process group whose ranks share the encoding (train_ds.py); None: this process
-    memo: dict = field(default_factory=dict, repr=False)
+    group: object = None  # a gloo process group whose ranks share the encoding; None: this process alone
+    memo: dict = field(default_factory=dict, repr=False)  # what this evaluation computed, by cache key
 
     def __post_init__(self):
         if self.group is not None and self.cache_dir:
@@ -841,29 +437,53 @@ class Settings:
                             "would wait for each other forever; give one or the other")
 
 
-def features_of(model, model_id, dataset, split, settings):
-    transform = msclip.ImageTransform(model.config.image_size)
-    stored, images, fingerprint = split_images(dataset, split, transform)
-    key = {"what": "image features", "model": model_id, "dataset": [dataset.kind, dataset.path, _digest(fingerprint)],
+def digest(value):
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def cached(settings, key, compute):
+    """compute() once per key and Settings (zero-shot and the linear probe share the test split's
+    features); with a cache_dir also torch.save'd there and read back with weights_only=True, where
+    an unreadable or foreign file is recomputed."""
+    name, key = digest(key), json.loads(json.dumps(key, default=str))
+    path = Path(settings.cache_dir or ".").expanduser() / f"{name}.pt"
+    if name not in settings.memo and settings.cache_dir and path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(stored, dict) and stored.get("key") == key:
+                settings.memo[name] = stored["value"]
+                if not settings.quiet:
+                    sys.stderr.write(f"cached: {path}\n")
+        except Exception as e:
+            sys.stderr.write(f"ignoring unreadable cache file {path}: {type(e).__name__}\n")
+    if name not in settings.memo:
+        settings.memo[name] = compute()
+        if settings.cache_dir:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            torch.save({"key": key, "value": settings.memo[name]}, tmp)
+            os.replace(tmp, path)
+    return settings.memo[name]
+
+
+def features_of(model, model_id, dataset, split, settings, report):
+    """(the split as stored, encode_images' result for it), its image counts noted in the report."""
+    stored, images, fingerprint = dataset.images(split, msclip.ImageTransform(model.config.image_size))
+    key = {"what": "image features", "model": model_id, "dataset": [dataset.kind, dataset.path, digest(fingerprint)],
            "split": stored, "image_size": model.config.image_size, "precision": settings.precision}
-    memo = _digest(key)
-    if memo not in settings.memo:   # zero-shot and linear probe share the test split's features
-        settings.memo[memo] = cached(settings.cache_dir, key, lambda: encode_images(
-            model, images, settings.device, settings.precision, settings.batch_size, settings.workers,
-            f"{dataset.name} {stored}", settings.quiet, settings.group), settings.quiet)
-    return stored, settings.memo[memo]
+    encoded = cached(settings, key, lambda: encode_images(model, images, settings.device, settings.precision,
+                                                          settings.batch_size, settings.workers, f"{dataset.name} {stored}",
+                                                          settings.quiet, settings.group))
+    report["splits"][stored] = {"images": len(encoded["features"]), "skipped": encoded["skipped"],
+                                "skipped_examples": encoded["skipped_examples"]}
+    return stored, encoded
 
 
-def split_report(encoded):
-    return {"images": len(encoded["features"]), "skipped": encoded["skipped"],
-            "skipped_examples": encoded["skipped_examples"]}
-
-
-def check_labels(encoded, num_classes, dataset, split):
-    labels = encoded["labels"]
+def labels_of(encoded, dataset, split):
+    labels, num_classes = encoded["labels"], len(dataset.classnames or [])
     if labels is None:
         raise EvalError(f"{dataset.name} {split}: not every image has a class label")
-    bad = labels[(labels < 0) | (labels >= num_classes)] if num_classes is not None else labels[labels < 0]
+    bad = labels[(labels < 0) | (labels >= num_classes)] if num_classes else labels[labels < 0]
     if len(bad):
         raise EvalError(f"{dataset.name} {split}: label {int(bad[0])} is out of range for {num_classes} class names")
     return labels
@@ -872,52 +492,43 @@ def check_labels(encoded, num_classes, dataset, split):
 def run_zeroshot(model, model_id, dataset, settings, report):
     if not dataset.classnames:
         raise EvalError(f"{dataset.name}: zero-shot needs class names (--classnames FILE or --dataset-name NAME)")
-    stored, encoded = features_of(model, model_id, dataset, settings.split, settings)
-    labels = check_labels(encoded, len(dataset.classnames), dataset, stored)
+    stored, encoded = features_of(model, model_id, dataset, settings.split, settings, report)
+    labels = labels_of(encoded, dataset, stored)
     key = {"what": "zero-shot classifier", "model": model_id, "classnames": dataset.classnames,
            "templates": dataset.templates, "precision": settings.precision}
-    weights = cached(settings.cache_dir, key, lambda: zeroshot_classifier(
-        model, dataset.classnames, dataset.templates, settings.device, settings.precision, group=settings.group),
-        settings.quiet)
+    weights = cached(settings, key, lambda: zeroshot_classifier(model, dataset.classnames, dataset.templates,
+                                                                settings.device, settings.precision, group=settings.group))
     logits = 100 * F.normalize(encoded["features"], dim=-1) @ weights.T
-    report["splits"][stored] = split_report(encoded)
     return {**classification_metrics(logits, labels), "split": stored, "n_test": len(labels)}
 
 
 def run_linear_probe(model, model_id, dataset, settings, report):
-    train_split, train = features_of(model, model_id, dataset, settings.train_split, settings)
-    test_split, test = features_of(model, model_id, dataset, settings.split, settings)
+    train_split, train = features_of(model, model_id, dataset, settings.train_split, settings, report)
+    test_split, test = features_of(model, model_id, dataset, settings.split, settings, report)
     if train_split == test_split:
         raise EvalError(f"{dataset.name}: the linear probe needs a train split besides {test_split!r}")
-    num_classes = len(dataset.classnames) if dataset.classnames else None
     val = {}
     if settings.val_split:
-        val_split, encoded = features_of(model, model_id, dataset, settings.val_split, settings)
-        val = {"val_features": encoded["features"], "val_labels": check_labels(encoded, num_classes, dataset, val_split)}
-        report["splits"][val_split] = split_report(encoded)
+        val_split, encoded = features_of(model, model_id, dataset, settings.val_split, settings, report)
+        val = {"val_features": encoded["features"], "val_labels": labels_of(encoded, dataset, val_split)}
     log = None if settings.quiet else lambda line: sys.stderr.write(f"{dataset.name} linear probe:{line}\n")
-    result = linear_probe(train["features"], check_labels(train, num_classes, dataset, train_split), test["features"],
-                          check_labels(test, num_classes, dataset, test_split), **val, val_fraction=settings.val_fraction,
+    result = linear_probe(train["features"], labels_of(train, dataset, train_split), test["features"],
+                          labels_of(test, dataset, test_split), **val, val_fraction=settings.val_fraction,
                           seed=settings.seed, device=settings.device, max_iter=settings.probe_iterations, log=log)
-    report["splits"][train_split] = split_report(train)
-    report["splits"][test_split] = split_report(test)
     return {**result, "split": test_split, "train_split": train_split}
 
 
 def run_retrieval(model, model_id, dataset, settings, report):
-    stored, encoded = features_of(model, model_id, dataset, settings.split, settings)
+    stored, encoded = features_of(model, model_id, dataset, settings.split, settings, report)
     if encoded["captions"] is None:
         raise EvalError(f"{dataset.name} {stored}: retrieval needs captions for every image (a caption column, "
                         ".txt entries in the shards)")
-    texts, image_of_text = [], []
-    for i, captions in enumerate(encoded["captions"]):
-        texts += captions
-        image_of_text += [i] * len(captions)
-    key = {"what": "caption embeddings", "model": model_id, "texts": _digest(texts), "precision": settings.precision}
-    text_features = cached(settings.cache_dir, key, lambda: encode_texts(
-        model, texts, settings.device, settings.precision, group=settings.group), settings.quiet)
+    texts = [caption for captions in encoded["captions"] for caption in captions]
+    image_of_text = [i for i, captions in enumerate(encoded["captions"]) for _ in captions]
+    key = {"what": "caption embeddings", "model": model_id, "texts": digest(texts), "precision": settings.precision}
+    text_features = cached(settings, key, lambda: encode_texts(model, texts, settings.device, settings.precision,
+                                                               group=settings.group))
     similarity = F.normalize(encoded["features"], dim=-1) @ text_features.T
-    report["splits"][stored] = split_report(encoded)
     return {**retrieval_metrics(similarity, image_of_text), "split": stored, "n_images": similarity.shape[0],
             "n_captions": similarity.shape[1]}
 
@@ -927,42 +538,6 @@ COLUMNS = {"zeroshot": ["top1", "top5", "mean_per_class", "roc_auc"],
            "linear-probe": ["top1", "top5", "mean_per_class", "l2"],
            "retrieval": ["i2t_recall@1", "i2t_recall@5", "i2t_recall@10", "t2i_recall@1", "t2i_recall@5",
                          "t2i_recall@10", "mean_recall"]}
-
-
-def averages(reports, tasks):
-    """Per task, the mean of each metric over the datasets that report it for every dataset (Avg. row)."""
-    out = {}
-    for task in tasks:
-        results = [r[task] for r in reports if task in r]
-        if len(results) < 1:
-            continue
-        keys = [k for k in COLUMNS[task] if k != "l2" and all(k in r for r in results)]
-        out[task] = {k: sum(r[k] for r in results) / len(results) for k in keys}
-        out[task]["datasets"] = len(results)
-    return out
-
-
-def format_table(reports, average, tasks):
-    lines = []
-    for task in tasks:
-        rows = [(r["name"], r[task]) for r in reports if task in r]
-        if not rows:
-            continue
-        columns = [c for c in COLUMNS[task] if any(c in res for _, res in rows)]
-        width = max(12, *(len(name) for name, _ in rows))
-        title = {"zeroshot": "zero-shot classification", "linear-probe": "linear probe", "retrieval": "retrieval"}[task]
-        lines.append(f"{title} (%)")
-        lines.append(f"{'dataset':<{width}}  {'n':>7}  " + "  ".join(f"{c:>13}" for c in columns))
-        for name, res in rows:
-            n = res.get("n_test", res.get("n_images", ""))
-            cells = [(f"{res[c]:.2e}" if c == "l2" else f"{res[c]:.2f}") if c in res else "-" for c in columns]
-            lines.append(f"{name:<{width}}  {n:>7}  " + "  ".join(f"{v:>13}" for v in cells))
-        if len(rows) > 1:
-            avg = average.get(task, {})
-            cells = [f"{avg[c]:.2f}" if c in avg else "" for c in columns]
-            lines.append(f"{'Avg.':<{width}}  {'':>7}  " + "  ".join(f"{v:>13}" for v in cells))
-        lines.append("")
-    return "\n".join(lines)
 
 
 def evaluate(model, model_id, datasets, settings):
@@ -981,12 +556,68 @@ def evaluate(model, model_id, datasets, settings):
     return reports
 
 
+def zero_shot_top1(model, datasets, device="cpu", precision="fp32", workers=0, group=None):
+    """{dataset name: zero-shot top-1 %} of a model in training (train_ds.py), in eval mode while
+    measured. With a process group, each rank encodes its part and every rank gets the result."""
+    was_training = model.training
+    model.eval()
+    try:
+        settings = Settings(tasks=["zeroshot"], device=str(device), precision=precision, workers=workers,
+                            quiet=True, group=group)
+        return {r["name"]: r["zeroshot"]["top1"] for r in evaluate(model, "in training", datasets, settings)}
+    finally:
+        model.train(was_training)
+
+
+def averages(reports, tasks):
+    """Per task, the mean of each metric over the datasets that report it for every dataset (Avg. row)."""
+    out = {}
+    for task in tasks:
+        results = [r[task] for r in reports if task in r]
+        if results:
+            keys = [k for k in COLUMNS[task] if k != "l2" and all(k in r for r in results)]
+            out[task] = {**{k: sum(r[k] for r in results) / len(results) for k in keys}, "datasets": len(results)}
+    return out
+
+
+def format_table(reports, average, tasks):
+    lines = []
+    for task in tasks:
+        rows = [(r["name"], r[task]) for r in reports if task in r]
+        columns = [c for c in COLUMNS[task] if any(c in res for _, res in rows)]
+        width = max(12, *(len(name) for name, _ in rows))
+        title = {"zeroshot": "zero-shot classification", "linear-probe": "linear probe", "retrieval": "retrieval"}[task]
+        lines += [f"{title} (%)", f"{'dataset':<{width}}  {'n':>7}  " + "  ".join(f"{c:>13}" for c in columns)]
+        for name, res in rows:
+            n = res.get("n_test", res.get("n_images", ""))
+            cells = [(f"{res[c]:.2e}" if c == "l2" else f"{res[c]:.2f}") if c in res else "-" for c in columns]
+            lines.append(f"{name:<{width}}  {n:>7}  " + "  ".join(f"{v:>13}" for v in cells))
+        if len(rows) > 1:
+            cells = [f"{average[task][c]:.2f}" if c in average[task] else "" for c in columns]
+            lines.append(f"{'Avg.':<{width}}  {'':>7}  " + "  ".join(f"{v:>13}" for v in cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+
+def renamed(new):
+    """The argparse action of an option's old name: it sets the new option, with a note on stderr."""
+    class Renamed(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            sys.stderr.write(f"{parser.prog}: {option_string} is renamed {new}\n")
+            setattr(namespace, self.dest, values)
+    return Renamed
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--checkpoint", help="this project's checkpoint or a released MS-CLIP-S state dict")
-    p.add_argument("--model", help=f"preset ({', '.join(msclip.PRESETS)}): random init without --checkpoint, "
-                                   "or the architecture of a bare state dict")
+    p.add_argument("--checkpoint", help="msclip.load_checkpoint's file (this project's, or a released MS-CLIP-S "
+                                        "state dict); with --model, a bare state dict of that architecture")
+    p.add_argument("--model", help="preset (msclip.PRESETS): randomly initialised without --checkpoint")
     p.add_argument("--dataset", action="append", required=True, help="dataset folder, CSV/TSV file or synthetic-*; repeatable")
     p.add_argument("--dataset-name", action="append", help="bundled prompts by name (ImageNet, CIFAR10, ...); "
                                                            "once for all datasets or once per --dataset")
@@ -1002,55 +633,74 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
     p.add_argument("--cache-dir", help="cache image features (and text embeddings) here")
-    p.add_argument("--synthetic-size", type=int, help="images per split of the synthetic datasets")
+    p.add_argument("--eval-samples", type=int, default=shapes.EVAL_SAMPLES,
+                   help="renders of the synthetic datasets' held-out split (and train split, for the linear probe)")
+    p.add_argument("--synthetic-size", dest="eval_samples", type=int, action=renamed("--eval-samples"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help="random init of --model, validation hold-out")
     p.add_argument("--output", default="eval_results.json", help="JSON file with every metric and setting")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
-def per_dataset(values, n, flag):
-    if not values:
-        return [None] * n
-    if len(values) not in (1, n):
-        raise EvalError(f"{flag} is given {len(values)} times for {n} datasets: give it once or once per --dataset")
-    return values * n if len(values) == 1 else values
+def load_model(checkpoint, preset=None, seed=0):
+    """(model, its identity for the feature cache): msclip.load_checkpoint's; with a preset, a bare
+    state dict (DeepSpeed's {"module": ...}, DDP's "module." keys) in its architecture; without a
+    checkpoint, the preset randomly initialised."""
+    if checkpoint is None and preset is None:
+        raise EvalError("give --checkpoint PATH (or --model PRESET for a randomly initialised model)")
+    try:
+        if checkpoint is None:
+            torch.manual_seed(seed)
+            return msclip.create_model(preset), {"preset": preset, "seed": seed}
+        if preset is None:
+            model = msclip.load_checkpoint(checkpoint)
+        else:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            state = {re.sub(r"^module\.", "", k): v for k, v in state.get("module", state.get("state_dict", state)).items()}
+            model = msclip.load_checkpoint({"msclip_config": asdict(msclip.preset_config(preset)), "state_dict": state})
+    except (ValueError, OSError) as e:  # msclip's checks, a missing file
+        raise EvalError(f"{checkpoint or '--model'}: {e}") from e
+    except Exception as e:  # what torch.load(weights_only=True) refuses: pickled objects, text, garbage
+        raise EvalError(f"{checkpoint} is not a weights file torch.load(weights_only=True) reads: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    stat = Path(checkpoint).stat()
+    return model, {"checkpoint": str(Path(checkpoint).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def main(argv=None):
     args = parse_args(argv)
+    start, tasks, n = time.time(), list(dict.fromkeys(args.task or ["zeroshot"])), len(args.dataset)
     try:
-        return run(args)
+        for option in ("dataset_name", "classnames", "templates"):  # given once for all datasets, or once each
+            values = getattr(args, option) or [None]
+            if len(values) not in (1, n):
+                raise EvalError(f"--{option.replace('_', '-')} is given {len(values)} times for {n} datasets: "
+                                "give it once or once per --dataset")
+            setattr(args, option, values * n if len(values) == 1 else values)
+        settings = Settings(tasks=tasks, split=args.split, train_split=args.train_split, val_split=args.val_split,
+                            val_fraction=args.val_fraction, device=args.device, precision=args.precision,
+                            batch_size=args.batch_size, workers=args.workers, seed=args.seed, cache_dir=args.cache_dir,
+                            quiet=args.quiet)
+        model, model_id = load_model(args.checkpoint, args.model, args.seed)
+        model = model.to(args.device).eval()
+        datasets = [apply_prompts(data.open_dataset(spec, name, args.eval_samples, model.config.image_size),
+                                  classnames and read_list(classnames, "class names"),
+                                  templates and read_list(templates, "templates"), name)
+                    for spec, name, classnames, templates in zip(args.dataset, args.dataset_name, args.classnames,
+                                                                 args.templates)]
+        reports = evaluate(model, model_id, datasets, settings)
     except EvalError as e:
         sys.stderr.write(f"eval.py: error: {e}\n")
         return 2
-
-
-def run(args):
-    start = time.time()
-    tasks = list(dict.fromkeys(args.task or ["zeroshot"]))
-    settings = Settings(tasks=tasks, split=args.split, train_split=args.train_split, val_split=args.val_split,
-                        val_fraction=args.val_fraction, device=args.device, precision=args.precision,
-                        batch_size=args.batch_size, workers=args.workers, seed=args.seed, cache_dir=args.cache_dir,
-                        quiet=args.quiet)
-    model, model_id = load_model(args.checkpoint, args.model, args.device, args.seed)
-    n = len(args.dataset)
-    datasets = []
-    for spec, name, classnames, templates in zip(args.dataset, per_dataset(args.dataset_name, n, "--dataset-name"),
-                                                 per_dataset(args.classnames, n, "--classnames"),
-                                                 per_dataset(args.templates, n, "--templates")):
-        dataset = open_dataset(spec, name, args.synthetic_size, model.config.image_size)
-        datasets.append(apply_prompts(dataset, classnames and read_list(classnames, "class names"),
-                                      templates and read_list(templates, "templates"), name))
-    reports = evaluate(model, model_id, datasets, settings)
     average = averages(reports, tasks)
-    result = {"checkpoint": args.checkpoint, "model": args.model, "config": asdict(model.config),
-              "settings": {k: v for k, v in asdict(settings).items() if k not in ("quiet", "memo", "group")},
-              "datasets": reports, "average": average, "elapsed_s": round(time.time() - start, 1)}
     print(format_table(reports, average, tasks))
     if args.output:
         output = Path(args.output)
         output.parent.mkdir(parents=True, exist_ok=True)
+        result = {"checkpoint": args.checkpoint, "model": args.model, "config": asdict(model.config),
+                  "settings": {k: v for k, v in vars(settings).items() if k not in ("quiet", "memo", "group")},
+                  "datasets": reports, "average": average, "elapsed_s": round(time.time() - start, 1)}
         output.write_text(json.dumps(result, indent=1) + "\n")
         print(f"results: {output}")
     return 0

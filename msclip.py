@@ -119,11 +119,16 @@ PRESETS.update({f"{name}-{size}": {**base, **switches} for name, switches in _AB
                 for size, base in _SIZES.items()})
 
 
-def create_model(name, **overrides):
-    """Build a randomly initialised model from a preset name; any MSCLIPConfig field may be overridden."""
+def preset_config(name, **overrides):
+    """The MSCLIPConfig of a preset name; any field may be overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return MSCLIP(MSCLIPConfig(**{**PRESETS[name], **overrides}))
+    return MSCLIPConfig(**{**PRESETS[name], **overrides})
+
+
+def create_model(name, **overrides):
+    """Build a randomly initialised model from a preset name; any MSCLIPConfig field may be overridden."""
+    return MSCLIP(preset_config(name, **overrides))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,8 +41,7 @@ def main():
     out = []
     for evaluation in spec["evaluations"]:
         counts.update(images=0, texts=0)
-        datasets = [ev.apply_prompts(ev.open_dataset(path, image_size=model.config.image_size))
-                    for path in evaluation["datasets"]]
+        datasets = [ev.open_named_dataset(path, image_size=model.config.image_size) for path in evaluation["datasets"]]
         settings = ev.Settings(tasks=evaluation["tasks"], workers=1, quiet=True, group=dist.group.WORLD)
         try:
             out.append({"reports": ev.evaluate(model, model_id, datasets, settings), **counts})
@@ -50,6 +49,7 @@ def main():
             out.append({"error": str(e), **counts})
     with open(f"{spec['result']}.{rank}", "w") as f:
         json.dump(out, f)
+    dist.barrier()  # neither rank tears its group down while the other still talks to it
     dist.destroy_process_group()
 
 

@@ -17,7 +17,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import _train_runs  # noqa: E402  (puts the repository on sys.path)
+from conftest import read_metrics  # noqa: E402  (puts the repository on sys.path)
+
 import train_ds  # noqa: E402
 
 
@@ -45,9 +46,12 @@ def main():
             result = {"exit": e.code, "stderr": stderr.getvalue()}
         else:
             if rank == 0:
-                steps, _ = _train_runs.metrics(run["argv"][run["argv"].index("--out_dir") + 1])
+                steps, _ = read_metrics(run["argv"][run["argv"].index("--out_dir") + 1])
                 result["logged_steps"] = [e["step"] for e in steps]
         results[run["name"]] = result
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 has released --out_dir's lock before any rank starts the next run in it
         write_json(f"{spec['result']}.rank{rank}", results)
 
 

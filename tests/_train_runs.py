@@ -9,8 +9,8 @@ its per-step metrics are read back from its --out_dir; with "count_host_reads": 
 read of a tensor value to the host, see counting_host_reads; with "record_evaluation": true, what
 each rank encoded in eval mode, see recording_evaluation) or {"name", "reference": {...}}: the same
 training re-computed in plain PyTorch, one process holding the global batch, without DeepSpeed and
-without train_ds's loop (only data.py's definition of the data: SyntheticCaptions, minimal_pair_batches,
-normalize_images). Rank 0
+without train_ds's loop (only the definition of the data: shapes.SyntheticCaptions,
+shapes.minimal_pair_batches, data.normalize_images). Rank 0
 writes {name: result} to PATH.
 """
 import json
@@ -20,12 +20,14 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import torch  # noqa: E402
+from conftest import read_metrics  # noqa: E402
 
 import data  # noqa: E402
 import msclip  # noqa: E402
+import shapes  # noqa: E402
 import train_ds  # noqa: E402
 
 
@@ -47,17 +49,17 @@ def reference(o):
         return end + (1 - end) * (1 + math.cos(math.pi * t)) / 2
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    shapes = data.SyntheticCaptions("train", length=o["samples"], image_size=model.config.image_size, seed=o["seed"])
+    renders = shapes.SyntheticCaptions("train", length=o["samples"], image_size=model.config.image_size, seed=o["seed"])
     groups = tuple(int(v) for v in o["hard_negatives"].split("x"))
     order = ((epoch, batch) for epoch in range(1000)
-             for batch in data.minimal_pair_batches(len(shapes), o["global_micro"], o["seed"], epoch, *groups))
+             for batch in shapes.minimal_pair_batches(len(renders), o["global_micro"], o["seed"], epoch, *groups))
     loss_fn = msclip.ContrastiveLoss()
     losses, scales, norms = [], [], []
     for _ in range(steps):
         total = 0.0
         for _ in range(o["accum"]):
             epoch, batch = next(order)
-            samples = [shapes[(epoch, i)] for i in batch]
+            samples = [renders[(epoch, i)] for i in batch]
             images = data.normalize_images(torch.stack([s[0] for s in samples]))
             tokens = torch.stack([s[1] for s in samples])
             loss = loss_fn(*model(images, tokens))
@@ -140,15 +142,6 @@ def recording_evaluation():
     return records, restore
 
 
-def metrics(out_dir):
-    steps, evals = [], []
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            entry = json.loads(line)
-            (evals if "zero_shot" in entry else steps).append(entry)
-    return steps, evals
-
-
 def main():
     spec_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
     with open(spec_path) as f:
@@ -171,13 +164,14 @@ def main():
                 import deepspeed
                 result.update(host_reads=counts, deepspeed_version=deepspeed.__version__)
             import torch.distributed as dist
+            dist.barrier()  # rank 0 has released --out_dir's lock before any rank starts the next run in it
             if records is not None:  # every rank's, in rank order
                 everyone = [None] * dist.get_world_size()
                 dist.all_gather_object(everyone, records)
                 result["evaluation_encodes"] = everyone
             if dist.get_rank() == 0:
                 out_dir = run["argv"][run["argv"].index("--out_dir") + 1]
-                steps, evals = metrics(out_dir)
+                steps, evals = read_metrics(out_dir)
                 result.update(losses=[e["loss"] for e in steps], steps=[e["step"] for e in steps],
                               logit_scales=[e["logit_scale"] for e in steps], lrs=[e["lr"] for e in steps],
                               evals=evals, skipped_logged=steps[-1]["skipped"] if steps else {})

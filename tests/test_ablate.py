@@ -2,7 +2,8 @@
 
 The table and the JSON must hold the numbers each run produced itself (its result.json, its
 metrics.jsonl, its export), the zero-shot figures must equal eval.py's command line on the same
-export, and repeating the command must train and evaluate nothing again."""
+export and the trainer's own last held-out evaluation (one evaluation, one set of renders), and
+repeating the command must train and evaluate nothing again."""
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ TRAIN = ["--steps", "3", "--batch_size", "16", "--synthetic_samples", "640", "--
 
 
 def argv(out_dir, train=TRAIN, seeds=("1",)):
-    return ["--variants", *VARIANTS, "--seeds", *seeds, "--out_dir", str(out_dir), "--synthetic_size", "64",
+    return ["--variants", *VARIANTS, "--seeds", *seeds, "--out_dir", str(out_dir), "--eval_samples", "32",
             "--probe_iterations", "50", "--", *train]
 
 
@@ -65,10 +66,12 @@ def test_sweep_reports_each_runs_own_numbers_and_skips_finished_runs(tmp_path, c
         assert result["steps"] == s["steps"] == steps[-1]["step"] == 3
         assert result["final_loss"] == steps[-1]["loss"] and s["final_loss"]["values"] == [steps[-1]["loss"]]
         assert f"{steps[-1]['loss']:.2f} ± 0.00" in row
-        assert s["curves"]["1"] == result["curve"] == [
-            {"step": e["step"], "shape": 100 * e["zero_shot"]["shape"], "colour": 100 * e["zero_shot"]["colour"]}
-            for e in evals]
+        assert s["curves"]["1"] == result["curve"] == [{"step": e["step"], **e["zero_shot"]} for e in evals]
         assert [p["step"] for p in result["curve"]] == [2, 3]
+        # the trainer's held-out evaluation after its last step (32 renders) is ablate's (eval.py's) of the export
+        assert set(result["curve"][-1]) == {"step", "synthetic-shape", "synthetic-colour"}
+        for name in ("synthetic-shape", "synthetic-colour"):
+            assert result["curve"][-1][name] == pytest.approx(result["metrics"][f"zeroshot/{name}"], abs=1e-9)
         # Size and compute of the exported model.
         model = msclip.load_checkpoint(str(run / "msclip.pt"))
         assert (model.config.layers, model.config.patch_size, model.config.image_size) == (7, 16, 64)
@@ -76,7 +79,7 @@ def test_sweep_reports_each_runs_own_numbers_and_skips_finished_runs(tmp_path, c
         assert s["flops_per_pair"] == bench.model_flops(model.config, result["text_tokens"])["total"]
         assert f"{s['parameters'] / 1e6:.2f}M" in row and s["train_s"]["values"] == [result["train_s"]]
         probe = next(r for r in result["reports"] if r["name"] == "synthetic-shape")["linear-probe"]
-        assert (probe["n_train"] + probe["n_val"], probe["n_test"]) == (64, 64)
+        assert (probe["n_train"] + probe["n_val"], probe["n_test"]) == (32, 32)
     assert stored["variants"]["clip"]["paper_imagenet_zeroshot"] == 32.2
     try:   # the plot of the curves needs matplotlib; without it there is none
         import matplotlib  # noqa: F401
@@ -88,7 +91,7 @@ def test_sweep_reports_each_runs_own_numbers_and_skips_finished_runs(tmp_path, c
     # eval.py's command line on one export gives the same zero-shot figures.
     run = out / "runs" / "msclip-s" / "seed1"
     subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--checkpoint", str(run / "msclip.pt"),
-                    "--dataset", "synthetic-shape", "--dataset", "synthetic-colour", "--synthetic-size", "64",
+                    "--dataset", "synthetic-shape", "--dataset", "synthetic-colour", "--eval-samples", "32",
                     "--output", str(tmp_path / "eval.json"), "--quiet", "--workers", "0"], check=True,
                    capture_output=True, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     cli = {d["name"]: d["zeroshot"]["top1"] for d in json.loads((tmp_path / "eval.json").read_text())["datasets"]}

@@ -15,17 +15,13 @@ import sys
 import pytest
 import torch
 
-from test_train_ds import EQUAL, equal_argv, free_port
+from conftest import EQUAL, ROOT, equal_argv, free_port, reference_spec, trainer_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import msclip  # noqa: E402
-import train_ds  # noqa: E402
-import _train_runs  # noqa: E402
+import _train_runs
+import distributed
+import msclip
 
 HELPER = os.path.join(ROOT, "tests", "_cluster_runs.py")
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -35,16 +31,16 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOC
 @pytest.mark.parametrize("nodelist, first", [("gpu[003-010,017],cpu1", "gpu003"), ("node7", "node7"),
                                              ("a[1-2]-ib[5,6],x[1-3]", "a1-ib5"), ("n[09,10]", "n09")])
 def test_first_host_of_slurm_nodelist(nodelist, first):
-    assert train_ds.first_host(nodelist) == first
+    assert distributed.first_host(nodelist) == first
 
 
 def test_srun_variables():
-    name, v = train_ds.launcher_environment(
+    name, v = distributed.launcher_environment(
         {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
          "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]"})
     assert name == "srun"
     assert v == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu07",
-                 "MASTER_PORT": str(train_ds.DEFAULT_MASTER_PORT)}
+                 "MASTER_PORT": str(distributed.DEFAULT_MASTER_PORT)}
 
 
 def test_launcher_order_and_exported_address():
@@ -53,7 +49,7 @@ def test_launcher_order_and_exported_address():
     env = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "MASTER_ADDR": "h0",
            "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
            "SLURM_JOB_NODELIST": "h[5-6]"}
-    assert train_ds.launcher_environment(env) == (
+    assert distributed.launcher_environment(env) == (
         "torchrun or deepspeed",
         {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h0",
          "MASTER_PORT": "1234"})
@@ -63,21 +59,21 @@ def test_mpi_variables_and_missing_address():
     ompi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
             "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
     with pytest.raises(ValueError, match="export MASTER_ADDR"):  # two nodes, nobody said where rank 0 is
-        train_ds.launcher_environment(ompi)
-    name, v = train_ds.launcher_environment({**ompi, "MASTER_ADDR": "h0"})
+        distributed.launcher_environment(ompi)
+    name, v = distributed.launcher_environment({**ompi, "MASTER_ADDR": "h0"})
     assert (name, v["RANK"], v["WORLD_SIZE"], v["LOCAL_RANK"], v["MASTER_ADDR"]) == ("mpirun", "3", "4", "1", "h0")
     one_node = {**ompi, "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}
-    assert train_ds.launcher_environment(one_node)[1]["MASTER_ADDR"] == "127.0.0.1"
+    assert distributed.launcher_environment(one_node)[1]["MASTER_ADDR"] == "127.0.0.1"
     pmi = {"PMI_RANK": "2", "PMI_SIZE": "3", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "3"}
-    assert train_ds.launcher_environment(pmi) == ("MPI (PMI)", {
+    assert distributed.launcher_environment(pmi) == ("MPI (PMI)", {
         "RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(train_ds.DEFAULT_MASTER_PORT)})
+        "MASTER_PORT": str(distributed.DEFAULT_MASTER_PORT)})
     with pytest.raises(ValueError, match="export LOCAL_RANK"):
-        train_ds.launcher_environment({"PMI_RANK": "0", "PMI_SIZE": "2"})
+        distributed.launcher_environment({"PMI_RANK": "0", "PMI_SIZE": "2"})
 
 
 def test_plain_python_is_one_process():
-    name, v = train_ds.launcher_environment({"PATH": "/bin"})
+    name, v = distributed.launcher_environment({"PATH": "/bin"})
     assert name is None and v["RANK"] == "0" and v["WORLD_SIZE"] == "1" and v["LOCAL_RANK"] == "0"
 
 
@@ -85,22 +81,12 @@ def test_plain_python_is_one_process():
 # Three 2-rank launches
 # ----------------------------------------------------------------------------------------------
 
-def base_env(tmp):
-    extensions = tmp / "torch_extensions"
-    extensions.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "3",
-           "TORCH_EXTENSIONS_DIR": str(extensions), "PYTHONWARNINGS": "ignore"}
-    for key in LAUNCH_VARIABLES:
-        env.pop(key, None)
-    return env
-
-
 def start(tmp, name, per_process, runs):
     """Start one process per entry of per_process ((command, extra environment)), all running the same
     runs; wait for all. Returns (rank 0's results, {rank: variables it used}, [each process's output])."""
     spec, result = tmp / f"{name}.json", tmp / f"{name}_result.json"
     spec.write_text(json.dumps({"result": str(result), "runs": runs}))
-    procs = [subprocess.Popen([*command, HELPER, str(spec)], cwd=tmp, env={**base_env(tmp), **extra},
+    procs = [subprocess.Popen([*command, HELPER, str(spec)], cwd=tmp, env={**trainer_env(tmp, name)[0], **extra},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for command, extra in per_process]
     outputs = []
@@ -145,7 +131,7 @@ def launches(tmp_path_factory):
     launched = {"srun": start(tmp, "srun", slurm, [run("srun"), part(1), part(2)]),
                 "mpirun": start(tmp, "mpirun", ompi, [run("mpirun"), part(3)]),
                 "two_nodes": start(tmp, "two_nodes", nodes, [run("two_nodes")])}
-    saved = {s: train_ds.consolidated_state_dict(os.path.join(resized(tmp, s), "checkpoints", "step_00000002"))[1]
+    saved = {s: distributed.consolidated_state_dict(os.path.join(resized(tmp, s), "checkpoints", "step_00000002"))[1]
              for s in (1, 2, 3)}  # before the resumed runs add their checkpoints
     one = [{"name": f"resize{s}", "argv": equal_argv(resized(tmp, s), 1, s) + ["--resume"]} for s in (1, 2, 3)]
     launched["one_rank"] = start(tmp, "one_rank", [(python, {})], one)
@@ -154,11 +140,7 @@ def launches(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    ref = {k: EQUAL[k] for k in ("preset", "steps", "global_micro", "accum", "lr", "lr_shared", "wd", "wd_shared",
-                                 "warmup", "warmup_start", "min_lr_ratio", "grad_clip", "logit_scale_init",
-                                 "hard_negatives", "samples", "seed")}
-    ref["overrides"] = {"layers": EQUAL["layers"]}
-    return _train_runs.reference(ref)
+    return _train_runs.reference(reference_spec())
 
 
 @pytest.mark.parametrize("launcher", ["srun", "mpirun", "two_nodes"])

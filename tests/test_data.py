@@ -1,12 +1,11 @@
-"""Tests of data.py, the one image-text pipeline of train_ds.py and eval.py: the built-in shapes data,
-CSV rows, the WebDataset training stream (cross-shard shuffling, exactly-once epochs over ranks and
-workers, exact resume, bad shards), uint8 transport against msclip.ImageTransform's float path,
-high-bit-depth images, and the tokenizer's bounded caches. In-process, no DeepSpeed."""
-import io
+"""Tests of shapes.py (the built-in data) and data.py, the one image-text pipeline of train_ds.py and
+eval.py: CSV rows (one reader for training and evaluation), the WebDataset training stream
+(cross-shard shuffling, exactly-once epochs over ranks and workers, exact resume, bad shards),
+uint8 transport against msclip.ImageTransform's float path, high-bit-depth images, and the
+tokenizer's bounded caches. In-process, no DeepSpeed."""
 import itertools
 import pickle
 import random
-import tarfile
 
 import numpy as np
 import pytest
@@ -15,48 +14,67 @@ from PIL import Image
 
 import data
 import msclip
-from test_train_ds import write_csv, write_shards
+import shapes
+from conftest import encoded_image, write_csv, write_shards, write_tar
 
 
 def test_synthetic_contract():
-    assert len(data.SHAPES) >= 6 and len(data.COLOURS) >= 8
-    shapes = data.SyntheticCaptions("train", length=128, image_size=64, seed=0)
-    image, caption, shape, colour = shapes.render(77)
+    assert len(shapes.SHAPES) >= 6 and len(shapes.COLOURS) >= 8
+    train = shapes.SyntheticCaptions("train", length=128, image_size=64, seed=0)
+    image, caption, shape, colour = train.render(77)
     assert isinstance(image, Image.Image) and isinstance(caption, str) and caption
-    assert data.SHAPES[shape] in caption or any(w in caption for w in data.SHAPE_WORDS[data.SHAPES[shape]])
-    again = data.SyntheticCaptions("train", length=128, image_size=64, seed=0).render(77)
+    assert shapes.SHAPES[shape] in caption or any(w in caption for w in shapes.SHAPE_WORDS[shapes.SHAPES[shape]])
+    again = shapes.SyntheticCaptions("train", length=128, image_size=64, seed=0).render(77)
     assert again[1:] == (caption, shape, colour) and again[0].tobytes() == image.tobytes()
-    other = data.SyntheticCaptions("heldout", length=128, image_size=64, seed=0).render(77)
+    other = shapes.SyntheticCaptions("heldout", length=128, image_size=64, seed=0).render(77)
     assert other[0].tobytes() != image.tobytes() and other[2:] == (shape, colour)  # new render, same classes
-    x, tokens = shapes[77]
+    assert train.labels(77) == (shape, colour)
+    x, tokens = train[77]
     assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
     assert tokens.shape == (77,) and tokens.dtype == torch.long
     assert torch.equal(tokens, msclip.tokenize(caption)[0])
-    assert torch.equal(shapes[(3, 77)][0], shapes[(3, 77)][0]) and not torch.equal(shapes[(3, 77)][0], shapes[(4, 77)][0])
+    assert torch.equal(train[(3, 77)][0], train[(3, 77)][0]) and not torch.equal(train[(3, 77)][0], train[(4, 77)][0])
+    assert len(shapes.SyntheticCaptions()) == shapes.DEFAULT_SAMPLES == len(data.open_train_data("synthetic"))
 
 
 def test_synthetic_variety():
-    shapes = data.SyntheticCaptions("train", seed=0)
-    renders = [shapes.render(i * 65) for i in range(640)]  # 640 variants, every (shape, colour)
+    train = shapes.SyntheticCaptions("train", seed=0)
+    renders = [train.render(i * 65) for i in range(640)]  # 640 variants, every (shape, colour)
     captions = {r[1] for r in renders}
     assert len(captions) > 400
-    assert {(r[2], r[3]) for r in renders} == {(s, c) for s in range(len(data.SHAPES)) for c in range(len(data.COLOURS))}
+    assert {(r[2], r[3]) for r in renders} == {(s, c) for s in range(len(shapes.SHAPES)) for c in range(len(shapes.COLOURS))}
     words = " ".join(captions).split()
     for word in ("two", "three", "small", "large", "background", "scarlet", "disc", "painted", "near"):
         assert word in words or any(word in c for c in captions), word
 
 
 def test_heldout_prompt_wording_not_in_training_captions():
-    prompts = data.heldout_prompts()
-    assert prompts["shape"][0] == data.SHAPES and prompts["colour"][0] == data.COLOURS
-    shapes = data.SyntheticCaptions("train", seed=0)
-    vocabulary = {w.strip(",:") for i in range(4000) for w in shapes.render(i * 17)[1].split()}
+    prompts = shapes.heldout_prompts()
+    assert prompts["shape"][0] == shapes.SHAPES and prompts["colour"][0] == shapes.COLOURS
+    train = shapes.SyntheticCaptions("train", seed=0)
+    vocabulary = {w.strip(",:") for i in range(4000) for w in train.render(i * 17)[1].split()}
     function_words = {"a", "an", "the", "of", "in", "on", "with"}
     for names, templates in prompts.values():
         for template in templates:
             assert "{}" in template
             words = {w.strip(".,") for w in template.replace("{}", " ").split()} - function_words
             assert words and not words & vocabulary, (template, words & vocabulary)
+
+
+def test_heldout_evaluation_set_is_fixed():
+    """eval.py's synthetic-shape / synthetic-colour: the same renders of the held-out split in every
+    run (no training seed reaches them), --eval-samples of them, labelled by shape / colour."""
+    transform = msclip.ImageTransform(64)
+    sets = [data.open_dataset(name, eval_samples=24, image_size=64) for name in ("synthetic-shape", "synthetic-colour")]
+    renders = shapes.SyntheticCaptions("heldout", length=24, image_size=64, seed=0)
+    for column, dataset in enumerate(sets):
+        split, images, _ = dataset.images("test", transform)
+        assert split == "heldout" and len(images) == 24
+        assert dataset.classnames == shapes.heldout_prompts()[dataset.attribute][0]
+        for i in (0, 5, 23):
+            image, meta = images[i]
+            assert torch.equal(image, transform(renders.render(i)[0])) and meta["label"] == renders.labels(i)[column]
+    assert len(data.open_dataset("synthetic-shape").images("test", transform)[1]) == shapes.EVAL_SAMPLES
 
 
 def test_epoch_batches():
@@ -67,19 +85,19 @@ def test_epoch_batches():
 
 def test_minimal_pair_batches():
     """Groups of 4 shapes x 2 colours of one variant: same layout and wording, only shape/colour differ."""
-    shapes = data.SyntheticCaptions("train", length=640)
-    batches = data.minimal_pair_batches(640, 32, 0, 0, 4, 2)
+    train = shapes.SyntheticCaptions("train", length=640)
+    batches = shapes.minimal_pair_batches(640, 32, 0, 0, 4, 2)
     assert len(batches) == 20 and sorted(i for b in batches for i in b) == list(range(640))
-    assert batches == data.minimal_pair_batches(640, 32, 0, 0, 4, 2) != data.minimal_pair_batches(640, 32, 0, 1, 4, 2)
+    assert batches == shapes.minimal_pair_batches(640, 32, 0, 0, 4, 2) != shapes.minimal_pair_batches(640, 32, 0, 1, 4, 2)
     for batch in batches:
         for g in range(0, 32, 8):
             group = batch[g: g + 8]
             assert len({i // 64 for i in group}) == 1
-            labels = [shapes.labels(i) for i in group]
+            labels = [train.labels(i) for i in group]
             assert len({s for s, _ in labels}) == 4 and len({c for _, c in labels}) == 2 and len(set(labels)) == 8
-            renders = [shapes.render(i) for i in group]
-            varying = {w for words in list(data.SHAPE_WORDS.values()) + list(data.COLOUR_WORDS.values())
-                       for phrase in words for w in phrase.split() + data.plural(phrase).split()}
+            renders = [train.render(i) for i in group]
+            varying = {w for words in list(shapes.SHAPE_WORDS.values()) + list(shapes.COLOUR_WORDS.values())
+                       for phrase in words for w in phrase.split() + shapes.plural(phrase).split()}
             strip = lambda r: [{"an": "a"}.get(w, w) for w in r[1].split() if w.strip(",:") not in varying]  # noqa: E731
             assert len({tuple(strip(r)) for r in renders}) == 1, [r[1] for r in renders]
 
@@ -108,10 +126,36 @@ def test_csv_bad_rows_replaced(tmp_path):
     assert skipped == [("missing", str(tmp_path / "images" / "005.png"))]
     assert torch.equal(tokens, rows[(0, 6)][1])  # row 5 is replaced by row 6
     assert rows[(0, 21)][2][0][0] == "empty_caption" and rows[(0, 13)][2][0][0] == "corrupt"
-    with pytest.raises(ValueError, match="csv_caption_key"):
+    with pytest.raises(ValueError, match="no column 'title'.*csv_caption_key"):
         data.CsvCaptions(str(path), caption_key="title")
 
 
+def test_one_csv_reader_for_training_and_evaluation(tmp_path):
+    """The same file gives training (CsvCaptions, OpenCLIP's separator and column options) and
+    evaluation (eval.py's CSV layout: separator and columns found from the header) the same rows,
+    as Python's csv module reads them; the rules: a tab for .tsv or a tab in the first line, header
+    names in any case, no known image column = no header, named columns must exist."""
+    import csv
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(encoded_image(Image.new("RGB", (8, 8), (200, 30, 30)), "PNG"))
+    rows = [["a.png", "a red square, small"], [str(tmp_path / "b.png"), "another square\tagain"]]  # relative, absolute
+    for name, separator, header in (("tab.tsv", "\t", ["FilePath", "Title"]), ("comma.csv", ",", ["image", "caption"]),
+                                    ("bare.csv", ",", None)):
+        with open(tmp_path / name, "w", newline="", encoding="utf-8-sig") as f:
+            csv.writer(f, delimiter=separator).writerows(([header] if header else []) + rows)
+        expected = [(str(tmp_path / image), caption) for image, caption in (("a.png", rows[0][1]), ("b.png", rows[1][1]))]
+        found = [(path, caption) for _, path, caption, _ in data.read_csv(tmp_path / name)]
+        assert found == expected, name
+        evaluation = data.open_dataset(str(tmp_path / name))
+        assert [(r["path"], r["captions"]) for r in evaluation.splits["test"]] == [(p, [c]) for p, c in expected]
+        if header:
+            training = data.CsvCaptions(str(tmp_path / name), 8, 0, separator, *header)
+            assert list(zip(training.paths, training.captions)) == expected
+    with pytest.raises(data.DataError, match="no column 'title'"):
+        data.read_csv(tmp_path / "comma.csv", ",", "image", "title")
+    (tmp_path / "short.csv").write_text("filepath,label\na.png,0\nb.png\n")
+    with pytest.raises(data.DataError, match="line 3"):
+        data.read_csv(tmp_path / "short.csv")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,15 +167,9 @@ def write_tagged_shards(folder, shards=16, per_shard=64, side=8):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     for s in range(shards):
-        with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
-            for j in range(per_shard):
-                buffer = io.BytesIO()
-                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, format="PNG")
-                for name, payload in ((f"{s:03d}{j:04d}.png", buffer.getvalue()),
-                                      (f"{s:03d}{j:04d}.txt", f"shard {s} sample {j}".encode())):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
+        write_tar(folder / f"{s:05d}.tar", [
+            [(f"{s:03d}{j:04d}.png", encoded_image(Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)), "PNG")),
+             (f"{s:03d}{j:04d}.txt", f"shard {s} sample {j}".encode())] for j in range(per_shard)])
     return [str(folder / f"{s:05d}.tar") for s in range(shards)]
 
 
@@ -226,14 +264,34 @@ def test_webdataset_without_readable_samples_stops_with_the_shards_named(tmp_pat
     with pytest.raises(RuntimeError, match="no readable sample.*notatar.tar"):
         next(iter(stream))
     shards = write_tagged_shards(tmp_path / "good", shards=2, per_shard=4)
-    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
-        for j in range(30):
-            info = tarfile.TarInfo(f"{j:04d}.jpg")
-            info.size = 7
-            tar.addfile(info, io.BytesIO(b"garbage"))
+    write_tar(tmp_path / "bad.tar", [[(f"{j:04d}.jpg", b"garbage")] for j in range(30)])
     stream = data.ShardStream([str(tmp_path / "bad.tar")] + shards, image_size=8, interleave=1, patience=20)
     with pytest.raises(RuntimeError, match="20 samples in a row unreadable.*bad.tar"):
         list(itertools.islice(stream, 100))
+
+
+def test_one_sample_decoder_for_training_and_evaluation(tmp_path):
+    """A shard sample the training stream cannot use, eval.py's CLIP_benchmark reader cannot either,
+    and for the same reason (a corrupt image, no caption, a shard that breaks off); only an empty
+    caption is fine to evaluate retrieval on and not to train on."""
+    shards = data.expand_shards(write_shards(tmp_path, shards=4, per_shard=8, bad=True))
+    training = data.ShardStream(shards, image_size=8)
+    evaluation = data.BenchmarkShards(shards, msclip.ImageTransform(8), "retrieval")
+    trained, evaluated = {}, {}
+    for shard in shards:
+        for key, files in data.read_tar(shard):
+            where = f"{shard}:{key}"
+            try:
+                training.decode(0, shard, key, files)
+                trained[where] = "ok"
+            except data.SkippedSample as e:
+                trained[where] = e.reason
+            image, meta = evaluation.decode(where, files)
+            evaluated[where] = "ok" if image is not None else meta["error"]
+    bad = {where: reason for where, reason in trained.items() if reason != "ok"}
+    assert sorted(bad.values()) == ["corrupt", "corrupt", "empty_caption", "missing"]
+    assert {w for w, e in evaluated.items() if e != "ok"} == {w for w, r in bad.items() if r != "empty_caption"}
+    assert evaluated[next(w for w, r in bad.items() if r == "missing")] == "no .txt"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,18 +318,20 @@ def test_uint8_transport_equals_the_float_transform(train):
     assert torch.equal(data.normalize_images(uint8, dtype=torch.bfloat16), floats.to(torch.bfloat16))
 
 
-def test_synthetic_and_csv_items_equal_the_old_float_path(tmp_path):
-    """The built-in data and CSV rows give the renders and augmentations of before, as uint8."""
-    shapes = data.SyntheticCaptions("train", length=128, image_size=64, seed=0)
-    image = shapes.render(77)[0]
-    rng = random.Random("msclip-shapes-aug/0/train/3/77")
-    expected = msclip.ImageTransform(64, train=True)(image, rng)
-    assert torch.equal(data.normalize_images(shapes[(3, 77)][0][None])[0], expected)
+def test_training_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    """A training item's random crop is drawn from (seed, epoch, index) only: a fresh dataset (a
+    DataLoader worker's copy) gives it again, another epoch or seed another crop. The held-out split
+    is not augmented: the eval transform of the render, in every epoch."""
     path = write_csv(tmp_path)
-    rows = data.CsvCaptions(str(path), image_size=64, seed=4, caption_key="caption")
-    expected = msclip.ImageTransform(64, train=True)(Image.open(tmp_path / "images" / "002.png"),
-                                                    random.Random("msclip-csv-aug/4/1/2"))
-    assert torch.equal(data.normalize_images(rows[(1, 2)][0][None])[0], expected)
+    for make in (lambda seed: shapes.SyntheticCaptions("train", length=128, image_size=64, seed=seed),
+                 lambda seed: data.CsvCaptions(str(path), image_size=64, seed=seed, caption_key="caption")):
+        item = make(4)[(1, 2)][0]
+        assert torch.equal(make(4)[(1, 2)][0], item)
+        assert not torch.equal(make(4)[(2, 2)][0], item) and not torch.equal(make(5)[(1, 2)][0], item)
+    heldout = shapes.SyntheticCaptions("heldout", length=128, image_size=64)
+    for epoch in (0, 3):
+        expected = msclip.ImageTransform(64)(heldout.render(77)[0])
+        assert torch.equal(data.normalize_images(heldout[(epoch, 77)][0][None])[0], expected)
 
 
 def test_sixteen_bit_images_scale_to_eight_bits(tmp_path):
@@ -295,8 +355,8 @@ def test_sixteen_bit_images_scale_to_eight_bits(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def test_tokenizer_caches_are_bounded_and_ids_unchanged():
-    shapes = data.SyntheticCaptions("train", seed=0)
-    captions = [shapes.render(i * 7)[1] for i in range(300)] + ["<|endoftext|> twice <|startoftext|>"]
+    train = shapes.SyntheticCaptions("train", seed=0)
+    captions = [train.render(i * 7)[1] for i in range(300)] + ["<|endoftext|> twice <|startoftext|>"]
     small = msclip.Tokenizer(word_cache_size=8, text_cache_size=4)
     uncached = msclip.Tokenizer(word_cache_size=1, text_cache_size=1)
     expected = torch.cat([msclip.tokenize(c) for c in captions])

@@ -1,14 +1,16 @@
 """eval.py against naive re-computations on data the tests write: every metric, the zero-shot
 classifier, the three dataset layouts (image folder, CSV/TSV, CLIP_benchmark WebDataset), the linear
 probe (separable data; raw-pixel features against a plain gradient-descent logistic regression),
-the feature cache, malformed inputs, and an end-to-end run: a tiny model trained briefly on
-data.py's shapes data classifies the held-out colours above chance."""
+the feature cache, malformed inputs, two processes sharing the encoding, and the held-out
+evaluation of the built-in data: a tiny model trained briefly on shapes.py's data classifies the
+held-out colours above chance, the same figures through main() and zero_shot_top1()."""
 import csv
 import io
 import json
 import math
 import pickle
-import tarfile
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +18,15 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import eval as ev
 import msclip
+import shapes
+from conftest import encoded_image, free_port, write_tar
 
 COLOURS = {"red": (215, 35, 35), "green": (35, 160, 55), "blue": (35, 75, 215)}
 TEMPLATES = ["a photo of a {} thing.", "something {}."]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: threads only add overhead (and contention on shared CI machines)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -205,11 +202,15 @@ def test_bundled_prompts_keep_synonyms_and_imagenet_duplicates():
     assert key == "ImageNet" and len(classes) == 1000 and len(templates) == 80
     assert classes[657] == classes[744] == "missile"
     # wnid folders map to the 1000 names by sorted index, never by name
-    dataset = ev.EvalDataset("imagenet", "folder", "/x", {}, label_names=[f"n{i:08d}" for i in range(1000)])
-    assert ev.map_label_names(dataset, classes) == list(range(1000))
-    # folders named after classes map by name, whatever their sorted order
-    dataset = ev.EvalDataset("c", "folder", "/x", {}, label_names=["blue", "green", "red"])
-    assert ev.map_label_names(dataset, ["red", "green", "blue"]) == [2, 1, 0]
+    wnids = data.EvalDataset("imagenet", "folder", "/x", {"val": [{"path": "a", "label": 0}, {"path": "b", "label": 999}]},
+                             label_names=[f"n{i:08d}" for i in range(1000)])
+    wnids.set_classnames(classes, "bundled")
+    assert [r["label"] for r in wnids.splits["val"]] == [0, 999] and wnids.label_mapping == "by sorted folder order"
+    # folders named after classes (or a synonym, in any case and spelling) map by name, whatever their sorted order
+    named = data.EvalDataset("c", "folder", "/x", {"test": [{"path": p, "label": i} for i, p in enumerate("bgr")]},
+                             label_names=["Blue", "green", "red_one"])
+    named.set_classnames(["red one", ["lime", "green"], "blue"], "given")
+    assert [r["label"] for r in named.splits["test"]] == [2, 1, 0] and named.label_mapping == "by name"
     with pytest.raises(ev.EvalError, match="no bundled prompts"):
         ev.bundled_prompts("no-such-dataset")
 
@@ -237,32 +238,34 @@ def test_zeroshot_folder_matches_naive(checkpoint, folder, prompt_files, tmp_pat
 
 
 def test_folder_default_prompts_are_folder_names_and_imagenet_templates(checkpoint, folder, tmp_path):
-    path, _ = checkpoint
+    """... and zero_shot_top1 (train_ds.py's evaluation) gives main()'s top-1 on a model in training
+    mode, measured in eval mode (MS-CLIP-S's BatchNorm) and left in training mode, its statistics untouched."""
+    path, model = checkpoint
     report = run_main(tmp_path, "--checkpoint", path, "--dataset", folder)["datasets"][0]
     assert report["classnames_source"] == "folder names" and report["num_templates"] == 80
+    model = msclip.load_checkpoint(path).train()
+    buffers = [b.clone() for b in model.buffers()]
+    top1 = ev.zero_shot_top1(model, [ev.open_named_dataset(str(folder))])
+    assert top1 == {folder.name: pytest.approx(report["zeroshot"]["top1"], abs=1e-9)}
+    assert model.training and all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
 
 
-def write_shards(root, samples, per_shard, split="test"):
-    """samples: (key, image bytes or None, {extension: bytes}) in CLIP_benchmark's layout."""
+def write_benchmark_shards(root, samples, per_shard, split="test"):
+    """samples: (key, image bytes or None, {extension: bytes}) in CLIP_benchmark's layout; the images
+    of odd shards are .webp entries, of even ones .png."""
     (root / split).mkdir(parents=True, exist_ok=True)
     shards = [samples[i:i + per_shard] for i in range(0, len(samples), per_shard)]
     for n, shard in enumerate(shards):
-        with tarfile.open(root / split / f"{n}.tar", "w") as tar:
-            for key, image, extra in shard:
-                entries = dict(extra)
-                if image is not None:
-                    entries["webp" if n % 2 else "png"] = image
-                for ext, data in entries.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+        members = []
+        for key, image, extra in shard:
+            entries = dict(extra) if image is None else {"webp" if n % 2 else "png": image, **extra}
+            members.append([(f"{key}.{ext}", payload) for ext, payload in entries.items()])
+        write_tar(root / split / f"{n}.tar", members)
     (root / split / "nshards.txt").write_text(f"{len(shards)}\n")
 
 
 def encoded(path, fmt):
-    out = io.BytesIO()
-    Image.open(path).save(out, format=fmt)
-    return out.getvalue()
+    return encoded_image(Image.open(path), fmt)
 
 
 def test_webdataset_matches_folder(checkpoint, folder, prompt_files, tmp_path):
@@ -275,13 +278,13 @@ def test_webdataset_matches_folder(checkpoint, folder, prompt_files, tmp_path):
                for i, p in enumerate(paths)]
     # webp is lossy: keep the folder comparison exact by encoding the folder copy from the same bytes
     copy = tmp_path / "copy"
-    for (key, data, extra), p in zip(samples, paths):
+    for (key, payload, _), p in zip(samples, paths):
         target = copy / "test" / p.parent.name / f"{key}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        Image.open(io.BytesIO(data)).save(target)
+        Image.open(io.BytesIO(payload)).save(target)
     samples.insert(3, ("nolabel", encoded(paths[0], "PNG"), {}))
     wds = tmp_path / "wds"
-    write_shards(wds, samples, per_shard=5)
+    write_benchmark_shards(wds, samples, per_shard=5)
     (wds / "classnames.txt").write_text("\n".join(COLOURS))
     (wds / "zeroshot_classification_templates.txt").write_text("a photo of a {c} thing.\nsomething {c}.\n")
     result = run_main(tmp_path, "--checkpoint", path, "--dataset", wds, "--dataset", copy, "--classnames", classnames,
@@ -322,7 +325,7 @@ def test_retrieval_csv_and_webdataset_match_naive(checkpoint, folder, tmp_path):
     assert_close(report, naive_retrieval(similarity, image_of_text))
 
     wds = tmp_path / "wds_retrieval"
-    write_shards(wds, [(f"{i:03d}", encoded(p, "PNG"), {"txt": "\n".join(caps).encode()})
+    write_benchmark_shards(wds, [(f"{i:03d}", encoded(p, "PNG"), {"txt": "\n".join(caps).encode()})
                        for i, (p, caps) in enumerate(zip(paths, captions))], per_shard=7)
     (wds / "dataset_type.txt").write_text("retrieval\n")
     # two loader processes share the two shards: every sample once, captions kept with their image
@@ -526,7 +529,7 @@ def test_csv_label_not_in_classnames_is_an_error(checkpoint, folder, prompt_file
 def test_wds_label_out_of_range_and_bad_template_are_errors(checkpoint, folder, prompt_files, tmp_path, capsys):
     path, _ = checkpoint
     p = next((folder / "test" / "red").glob("*.png"))
-    write_shards(tmp_path / "wds", [("a", encoded(p, "PNG"), {"cls": b"5"})], per_shard=4)
+    write_benchmark_shards(tmp_path / "wds", [("a", encoded(p, "PNG"), {"cls": b"5"})], per_shard=4)
     (tmp_path / "wds" / "classnames.txt").write_text("red\ngreen\n")
     err = run_main_error(capsys, "--checkpoint", path, "--dataset", tmp_path / "wds")
     assert "out of range" in err
@@ -560,15 +563,22 @@ def test_wrong_kind_of_checkpoint_is_a_clear_error(folder, tmp_path, capsys):
     err = run_main_error(capsys, "--checkpoint", tmp_path / "mismatch.pt", "--dataset", folder)
     assert "missing" in err
     err = run_main_error(capsys, "--checkpoint", tmp_path / "nothing.pt", "--dataset", folder)
-    assert "does not exist" in err
+    assert "nothing.pt" in err and "No such file" in err
     err = run_main_error(capsys, "--checkpoint", tmp_path, "--dataset", folder)
-    assert "is a directory" in err and "--export" in err
-    # a bare state dict (as DeepSpeed's {"module": ...}) loads with --model naming the architecture
-    torch.save({"module": msclip.create_model("msclip-tiny").state_dict()}, tmp_path / "bare.pt")
-    loaded, _ = ev.load_model(tmp_path / "bare.pt", "msclip-tiny")
-    assert loaded.config.layers == 12 and not loaded.training
-    with pytest.raises(ev.EvalError, match="does not fit preset clip-tiny: .*Missing key"):
-        ev.load_model(tmp_path / "bare.pt", "clip-tiny")
+    assert str(tmp_path) in err and "--export" in err
+    err = run_main_error(capsys, "--model", "no-such-preset", "--dataset", folder)
+    assert "unknown preset 'no-such-preset'" in err
+    # a bare state dict (DeepSpeed's {"module": ...}, DDP's "module." keys) loads with --model naming the architecture
+    torch.manual_seed(3)
+    bare = msclip.create_model("msclip-tiny")
+    torch.save({"module": bare.state_dict()}, tmp_path / "deepspeed.pt")
+    torch.save({f"module.{k}": v for k, v in bare.state_dict().items()}, tmp_path / "ddp.pt")
+    for name in ("deepspeed.pt", "ddp.pt"):
+        loaded, _ = ev.load_model(tmp_path / name, "msclip-tiny")
+        assert loaded.config == bare.config and not loaded.training
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), bare.state_dict().values()))
+    with pytest.raises(ev.EvalError, match="does not fit"):
+        ev.load_model(tmp_path / "deepspeed.pt", "clip-tiny")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,9 +586,13 @@ def test_wrong_kind_of_checkpoint_is_a_clear_error(folder, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 
 def assert_same_report(got, expected, where="report"):
-    """Equal JSON values; numbers within 1e-6 (a rank encodes other batches: float rounding). Shards
+    """Equal JSON values; numbers within 1e-6 (a rank encodes other batches: float rounding), but the
+    validation losses of the linear probe's search within 10%: at l2 = 1e-6 on separable features the
+    objective is flat and L-BFGS stops where its tolerance is met, which float rounding moves. Shards
     are read in another order: the skipped samples are compared as sets of ids."""
-    if where.endswith("skipped_examples"):
+    if ".search[" in where and where.endswith("[2]"):
+        assert got == pytest.approx(expected, rel=0.1), where
+    elif where.endswith("skipped_examples"):
         assert sorted(e.split(": ")[0] for e in got) == sorted(e.split(": ")[0] for e in expected), where
     elif isinstance(expected, dict):
         assert got.keys() == expected.keys(), where
@@ -600,21 +614,18 @@ def test_two_processes_share_the_encoding(checkpoint, folder, tmp_path):
     zero-shot and linear probe on the folder, zero-shot on shards of which rank 1's only shard is
     unreadable, retrieval on shards (captions kept with their images). Nothing readable anywhere is
     the same error on both ranks, not a rank waiting for the other."""
-    import socket
-    import subprocess
-    import sys
     path, _ = checkpoint
     tests = sorted((folder / "test").glob("*/*.png"))
     label = {p: str(list(COLOURS).index(p.parent.name)).encode() for p in tests}
     shards = tmp_path / "shards"   # 0: 5 good; 1 (rank 1's): 5 broken; 2: 4 good and one without a label
-    write_shards(shards, [(f"a{i}", encoded(p, "PNG"), {"cls": label[p]}) for i, p in enumerate(tests[:5])]
+    write_benchmark_shards(shards, [(f"a{i}", encoded(p, "PNG"), {"cls": label[p]}) for i, p in enumerate(tests[:5])]
                  + [(f"b{i}", b"not an image", {"cls": b"0"}) for i in range(5)]
                  + [(f"c{i}", encoded(p, "PNG"), {"cls": label[p]}) for i, p in enumerate(tests[5:])]
                  + [("nolabel", encoded(tests[0], "PNG"), {})], per_shard=5)
     (shards / "classnames.txt").write_text("\n".join(COLOURS))
     retrieval = tmp_path / "retrieval"
     trains = sorted((folder / "train").glob("*/*.png"))[:12]
-    write_shards(retrieval, [(f"{i:03d}", encoded(p, "PNG"), {"txt": f"{p.parent.name} number {i}\nimage {i}".encode()})
+    write_benchmark_shards(retrieval, [(f"{i:03d}", encoded(p, "PNG"), {"txt": f"{p.parent.name} number {i}\nimage {i}".encode()})
                              for i, p in enumerate(trains)], per_shard=4)
     (retrieval / "dataset_type.txt").write_text("retrieval\n")
     bad = tmp_path / "allbad"
@@ -627,9 +638,7 @@ def test_two_processes_share_the_encoding(checkpoint, folder, tmp_path):
                    {"datasets": [str(bad)], "tasks": ["zeroshot"]}]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"checkpoint": str(path), "result": str(tmp_path / "ranks"), "evaluations": evaluations}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    port = str(free_port())
     helper = Path(__file__).parent / "_eval_ranks.py"
     procs = [subprocess.Popen([sys.executable, str(helper), str(spec), str(rank), port], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for rank in range(2)]
@@ -657,16 +666,18 @@ def test_two_processes_share_the_encoding(checkpoint, folder, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# End to end: train briefly on data.py's shapes, evaluate its held-out split
+# The held-out evaluation of the built-in data: train briefly on shapes.py's data, evaluate
 # ---------------------------------------------------------------------------------------------
 
-def test_trained_tiny_model_beats_chance_on_heldout_colours(tmp_path):
-    import data
+def test_trained_tiny_model_beats_chance_on_heldout_colours(tmp_path, capsys):
+    """eval.py's synthetic-colour / synthetic-shape are zero-shot accuracy (%) on fixed renders of
+    the held-out split with shapes.heldout_prompts(): main() and zero_shot_top1() (what train_ds.py
+    logs) give the naive computation's figures."""
     torch.manual_seed(0)
     model = msclip.create_model("msclip-tiny", layers=2)
     model.logit_scale.data.fill_(math.log(1 / 0.07))     # CLIP's temperature: learns faster than e
-    shapes = data.SyntheticCaptions("train", length=1024, image_size=64, seed=0)
-    items = [shapes[i] for i in range(len(shapes))]
+    train = shapes.SyntheticCaptions("train", length=1024, image_size=64, seed=0)
+    items = [train[i] for i in range(len(train))]
     images, tokens = data.normalize_images(torch.stack([x for x, _ in items])), torch.stack([t for _, t in items])
     optimizer = model.configure_optimizers(lr=1e-3, weight_decay=0.05)
     loss_fn = msclip.ContrastiveLoss()
@@ -682,14 +693,31 @@ def test_trained_tiny_model_beats_chance_on_heldout_colours(tmp_path):
         optimizer.step()
     model.eval()
     msclip.save_checkpoint(model, tmp_path / "trained.pt")
+    capsys.readouterr()
     result = run_main(tmp_path, "--checkpoint", tmp_path / "trained.pt", "--dataset", "synthetic-colour",
-                      "--dataset", "synthetic-shape", "--synthetic-size", 512)
+                      "--dataset", "synthetic-shape", "--synthetic-size", 256)   # the option's old name
+    assert "--synthetic-size is renamed --eval-samples" in capsys.readouterr().err
     colour, shape = result["datasets"]
-    chance = 100 / len(data.COLOURS)
-    assert colour["num_classes"] == len(data.COLOURS) and colour["zeroshot"]["n_test"] == 512
+    chance = 100 / len(shapes.COLOURS)
+    assert colour["num_classes"] == len(shapes.COLOURS) and colour["zeroshot"]["n_test"] == 256
     assert colour["zeroshot"]["top1"] > 2 * chance, colour["zeroshot"]
-    assert shape["num_classes"] == len(data.SHAPES) and "top1" in shape["zeroshot"]
+    assert shape["num_classes"] == len(shapes.SHAPES) and "top1" in shape["zeroshot"]
     assert result["average"]["zeroshot"]["top1"] == pytest.approx((colour["zeroshot"]["top1"] + shape["zeroshot"]["top1"]) / 2)
-    # the trainer's own held-out check sees the same renders with the same prompts
-    own = ev.zero_shot_heldout(model, 64, samples=512)
-    assert abs(colour["zeroshot"]["top1"] - 100 * own["colour"]) <= 100 / 512 + 1e-9
+
+    # the naive computation: renders of the held-out split, seed 0 whatever the training seed
+    renders = shapes.SyntheticCaptions("heldout", length=256, image_size=64, seed=0)
+    transform = msclip.ImageTransform(64)
+    with torch.no_grad():
+        features = model.encode_image(torch.stack([transform(renders.render(i)[0]) for i in range(256)]))
+    truth = torch.tensor([renders.labels(i) for i in range(256)])
+    for column, (attribute, report) in enumerate((("shape", shape), ("colour", colour))):
+        names, templates = shapes.heldout_prompts()[attribute]
+        predicted = (features @ naive_classifier(model, names, templates).T).argmax(1)
+        expected = 100 * (predicted == truth[:, column]).double().mean().item()
+        assert abs(report["zeroshot"]["top1"] - expected) <= 100 / 256 + 1e-9   # one image on a boundary at most
+    # the trainer's call, on the model in training: the same figures, the model in training mode after
+    model.train()
+    in_training = ev.zero_shot_top1(model, [ev.open_named_dataset(name, 256) for name in ("synthetic-shape", "synthetic-colour")])
+    assert model.training
+    assert in_training == {"synthetic-shape": pytest.approx(shape["zeroshot"]["top1"], abs=1e-9),
+                           "synthetic-colour": pytest.approx(colour["zeroshot"]["top1"], abs=1e-9)}

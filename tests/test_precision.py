@@ -8,19 +8,14 @@ engine cannot train), 4 steps of 2 micro-batches of 4 pairs per rank, so that a 
 matrix units (bf16 ~100x slower than fp32 there) still runs it in seconds.
 """
 import math
-import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+from conftest import launch
 
-import msclip  # noqa: E402
-import train_ds  # noqa: E402
-from test_train_ds import launch  # noqa: E402
+import msclip
+import train_ds
 
 CLAMP = math.log(100)
 STEPS, ACCUM, LOG_EVERY = 4, 2, 2
@@ -29,7 +24,7 @@ STEPS, ACCUM, LOG_EVERY = 4, 2, 2
 # caption padding on the host before the tokens go to the device; the samplers draw each epoch's
 # order with a CPU generator.
 HOST_SIDE = {"_get_value", "trim_padding", "epoch_batches", "minimal_pair_batches",
-             "stop_requested"}  # train_ds.stop_requested: a CPU int all-reduced over the gloo control group
+             "agreed"}  # distributed.StopRequests.agreed: a CPU int all-reduced over the gloo control group
 # DeepSpeed's own reads in its step: 0.19.8 checks at ZeRO 1-3 that the gradient norm is finite
 # (`if` on a device tensor, once per optimizer step; 0.19.7 does not). Not the trainer's to remove.
 DEEPSPEED_STEP = {"is_invalid_grad_norm"}
@@ -104,7 +99,7 @@ def test_no_host_reads_outside_log_steps(runs, stage):
     reads = non_log_reads(counts)
     assert sum(reads.values()) > 0  # the counter saw the host-side reads: it was in place
     assert {k: n for k, n in reads.items() if k.split("|")[1] not in HOST_SIDE | DEEPSPEED_STEP} == {}
-    logged = {k for k in counts if "train_ds.py|log_step|" in k}
+    logged = {k for k in counts if "train_ds.py|train|" in k}
     assert logged  # the loss is read, at the log steps only
 
 
@@ -120,21 +115,30 @@ def test_bf16_export_is_fp32_and_eval_reads_it(runs):
     model = msclip.load_checkpoint(str(path))
     assert model.config.parallel_branch
     assert model.logit_scale.item() == pytest.approx(results["bf16_zero3"]["logit_scales"][-1], abs=1e-6)
-    dataset = evaluation.apply_prompts(evaluation.open_dataset("synthetic-colour", None, 32, 64))
-    metrics = evaluation.run_zeroshot(model, "bf16 export", dataset, evaluation.Settings(tasks=["zeroshot"], quiet=True),
-                                      {"splits": {}})
-    assert 0.0 <= metrics["top1"] <= 100.0
+    top1 = evaluation.zero_shot_top1(model, [evaluation.open_named_dataset("synthetic-colour", 32, 64)])
+    assert 0.0 <= top1["synthetic-colour"] <= 100.0
+
+
+def deepspeed_config(argv, world_size=1):
+    """The DeepSpeed config train_ds.main would build from argv (nothing started)."""
+    parser = train_ds.build_parser()
+    args = parser.parse_args(argv)
+    train_ds.check_args(parser, args, world_size)
+    return args, train_ds.deepspeed_config(parser, args)
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", "bfloat16"), ("fp16", "float16")])
-def test_half_precision_is_autocast_with_fp32_weights(precision, dtype):
-    """bf16 and fp16 turn on DeepSpeed's torch_autocast and keep its bf16/fp16 engines (which cast
-    the parameters but not BatchNorm's statistics) off, whatever ds_config.json says."""
-    config = {"bf16": {"enabled": True}, "fp16": {"enabled": True, "loss_scale": 0}}
-    train_ds.set_precision(config, precision)
+def test_half_precision_is_autocast_with_fp32_weights(precision, dtype, monkeypatch, capsys, tmp_path):
+    """bf16 and fp16 are DeepSpeed's torch_autocast; its bf16/fp16 engines (which cast the parameters
+    but not BatchNorm's statistics) stay off, and a ds_config.json that turns one on is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _, config = deepspeed_config(["--precision", precision, "--zero_stage", "0", "--out_dir", str(tmp_path)])
     assert config["torch_autocast"] == {"enabled": True, "dtype": dtype}
-    assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]
-    assert train_ds.set_precision({}, "fp32")["torch_autocast"] == {"enabled": False}
+    assert not config.get("bf16", {}).get("enabled") and not config.get("fp16", {}).get("enabled")
+    assert deepspeed_config(["--precision", "fp32"])[1]["torch_autocast"] == {"enabled": False}
+    with pytest.raises(SystemExit):
+        deepspeed_config(["--precision", precision, "--zero_stage", "0", "--ds_set", f"{precision}.enabled=true"])
+    assert f"sets '{precision}', which this trainer sets from --precision" in capsys.readouterr().err
 
 
 def test_autocast_batchnorm_runs_fp32_statistics():
@@ -169,20 +173,17 @@ def test_fp16_on_cpu_refused_with_reason(capsys, monkeypatch, tmp_path):
 
 
 def test_fp16_config_on_a_gpu(capsys, monkeypatch, tmp_path):
-    """On a GPU (pretended: resolve() runs before anything touches CUDA) fp16 is autocast with
+    """On a GPU (pretended: check_args runs before anything touches CUDA) fp16 is autocast with
     GradScaler at ZeRO-0; at ZeRO 1-3 with clipping it is refused: DeepSpeed 0.19 clips the still
     scaled gradients there (measured on CPU with autocast fp16 and msclip-tiny: the loss stays at
     2.079 for 6 steps where fp32 and fp16 at ZeRO-0 fall to 2.070)."""
-    monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    parser = train_ds.build_parser()
-    plan, config = train_ds.resolve(parser, parser.parse_args(["--precision", "fp16", "--zero_stage", "0",
-                                                               "--out_dir", str(tmp_path)]), 1)
-    assert plan["precision"] == "fp16" and plan["zero_stage"] == 0 and config["gradient_clipping"] == 1.0
-    assert config["torch_autocast"] == {"enabled": True, "dtype": "float16"} and not config["fp16"]["enabled"]
+    args, config = deepspeed_config(["--precision", "fp16", "--zero_stage", "0", "--out_dir", str(tmp_path)])
+    assert args.precision == "fp16" and config["zero_optimization"]["stage"] == 0 and config["gradient_clipping"] == 1.0
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "float16"}
     for extra in (["--zero_stage", "1", "--grad_clip", "0"], ["--zero_stage", "3", "--grad_clip", "0"]):
-        plan, config = train_ds.resolve(parser, parser.parse_args(["--precision", "fp16", *extra]), 1)
+        _, config = deepspeed_config(["--precision", "fp16", *extra])
         assert config["torch_autocast"]["dtype"] == "float16" and config["gradient_clipping"] == 0
     with pytest.raises(SystemExit):
-        train_ds.resolve(parser, parser.parse_args(["--precision", "fp16", "--zero_stage", "1"]), 1)
+        deepspeed_config(["--precision", "fp16", "--zero_stage", "1"])
     assert "--grad_clip 0" in capsys.readouterr().err

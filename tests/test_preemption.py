@@ -21,14 +21,14 @@ import psutil
 import pytest
 import torch
 
-from test_train_ds import free_port, state_dict
+from conftest import ROOT, assert_same_weights, free_port, trainer_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(ROOT, "tests", "_preemption_runs.py")
 STEPS, SAVE_EVERY = 14, 4
 
-import msclip  # noqa: E402
-import train_ds  # noqa: E402
+import distributed
+import msclip
+import train_ds
 
 
 def argv(out_dir, *extra, stage=1):
@@ -47,10 +47,7 @@ class Launch:
         self.pids.mkdir()
         spec = tmp / f"{name}.json"
         spec.write_text(json.dumps({"result": str(self.result), "pids": str(self.pids), "runs": runs}))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "DEEPSPEED_TIMEOUT": "3",
-               "PYTHONWARNINGS": "ignore"}
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)
+        env, _ = trainer_env(tmp, name)
         self.log = open(tmp / f"{name}.log", "w")
         self.runner = subprocess.Popen([shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port",
                                         str(free_port()), HELPER, str(spec)], cwd=tmp, env=env, stdout=self.log,
@@ -138,7 +135,7 @@ def runs(tmp_path_factory):
         frozen = first.processes()
         for process in frozen:
             process.send_signal(signal.SIGSTOP)
-        out["marker_when_killed"] = (partial / train_ds.MARKER).exists()
+        out["marker_when_killed"] = (partial / distributed.MARKER).exists()
         for process in frozen:
             process.send_signal(signal.SIGKILL)
         out["first_rc"] = first.wait()
@@ -172,15 +169,8 @@ def runs(tmp_path_factory):
     return out
 
 
-def assert_same_weights(a, b):
-    a, b = state_dict(a), state_dict(b)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-
 def checkpoint_step(out_dir):
-    return int(train_ds.latest_checkpoint(str(out_dir)).split("_")[1])
+    return int(distributed.latest_checkpoint(str(out_dir)).split("_")[1])
 
 
 def test_sigterm_to_ranks_checkpoints_and_resume_is_exact(runs):
@@ -202,7 +192,7 @@ def test_kill9_while_writing_resumes_from_previous_checkpoint(runs):
     assert resumed["steps"] == STEPS and resumed["logged_steps"] == list(range(1, STEPS + 1))
     assert_same_weights(tmp / "full" / "msclip.pt", tmp / "kill9" / "msclip.pt")
     # the resumed run rewrote the interrupted checkpoint's folder from empty: no stale shard left in it
-    assert (runs["stale"].parent / train_ds.MARKER).exists() and not runs["stale"].exists()
+    assert (runs["stale"].parent / distributed.MARKER).exists() and not runs["stale"].exists()
     assert "--keep 2 -> 0" in runs["logs"]  # a changed option is named, not refused
 
 
@@ -246,10 +236,10 @@ def test_export_never_unpickles_code(runs, tmp_path):
     ZeRO 1), the file is never created; without the planted object the export works."""
     marker = tmp_path / "code_ran"
     for run, stage in (("launch_term", 0), ("full", 1)):
-        source = runs["tmp"] / run / "checkpoints" / train_ds.latest_checkpoint(str(runs["tmp"] / run))
+        source = runs["tmp"] / run / "checkpoints" / distributed.latest_checkpoint(str(runs["tmp"] / run))
         folder = tmp_path / run / "checkpoints" / source.name
         shutil.copytree(source, folder)
-        assert json.loads((folder / train_ds.MARKER).read_text())["zero_stage"] == stage
+        assert json.loads((folder / distributed.MARKER).read_text())["zero_stage"] == stage
         clean = tmp_path / f"{run}.pt"
         train_ds.main(["--export", str(clean), "--checkpoint", str(folder)])
         assert msclip.load_checkpoint(str(clean)).config.layers == 2
@@ -274,7 +264,7 @@ class Planted:
 
 def test_export_message_names_the_object(runs, tmp_path, capsys):
     folder = tmp_path / "checkpoints" / "step_1"
-    shutil.copytree(runs["tmp"] / "full" / "checkpoints" / train_ds.latest_checkpoint(str(runs["tmp"] / "full")), folder)
+    shutil.copytree(runs["tmp"] / "full" / "checkpoints" / distributed.latest_checkpoint(str(runs["tmp"] / "full")), folder)
     content = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     content["planted"] = Planted(str(tmp_path / "never"))
     torch.save(content, folder / "mp_rank_00_model_states.pt")
@@ -308,28 +298,28 @@ def test_resume_with_other_settings_names_differences(runs, monkeypatch, capsys)
     monkeypatch.setenv("WORLD_SIZE", "2")
     parser = train_ds.build_parser()
     args = parser.parse_args(argv(folder, "--resume", "--lr", "2e-3", "--steps", "20"))
-    plan, _ = train_ds.resolve(parser, args, 2)
-    problem, notes = train_ds.check_out_dir(args, plan, 2)
+    model_config = train_ds.check_args(parser, args, 2)
+    problem, notes = train_ds.check_out_dir(args, model_config, 2)
     assert problem is None and "--lr 0.001 -> 0.002" in notes[0] and "--steps 14 -> 20" in notes[0]
-    problem, notes = train_ds.check_out_dir(args, plan, 1)  # converted to a universal checkpoint (test_cluster.py)
+    problem, notes = train_ds.check_out_dir(args, model_config, 1)  # converted to a universal checkpoint (test_cluster.py)
     assert problem is None and "ranks 2 -> 1 (the checkpoint is converted" in notes[0]
 
 
 def test_out_dir_held_by_live_run_then_released_by_its_crash(tmp_path, monkeypatch, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train_ds; lock, problem = "
-                               "train_ds.lock_out_dir(sys.argv[1]); print(problem, flush=True); time.sleep(600)",
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, distributed; lock, problem = "
+                               "distributed.lock_out_dir(sys.argv[1]); print(problem, flush=True); time.sleep(600)",
                                str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": ROOT})
     try:
         assert holder.stdout.readline().strip() == "None"
         err = main_error(["--out_dir", str(tmp_path)], monkeypatch, capsys)
         assert f"is in use by another training (pid {holder.pid} on host" in err
-        assert train_ds.lock_out_dir(str(tmp_path))[0] is None  # rank 0's lock, taken after init, refuses too
+        assert distributed.lock_out_dir(str(tmp_path))[0] is None  # rank 0's lock, taken after init, refuses too
     finally:
         holder.kill()
         holder.wait()
-    assert train_ds.out_dir_holder(str(tmp_path)) is None  # the kill -9 released it
-    lock, problem = train_ds.lock_out_dir(str(tmp_path))
+    assert distributed.out_dir_holder(str(tmp_path)) is None  # the kill -9 released it
+    lock, problem = distributed.lock_out_dir(str(tmp_path))
     assert lock is not None and problem is None
     lock.close()
 
@@ -355,9 +345,9 @@ def test_trim_metrics_keeps_each_step_once(tmp_path):
     path = tmp_path / "metrics.jsonl"
     lines = [{"step": s, "loss": 1.0} for s in (1, 2, 3, 4)] + [{"step": 4, "zero_shot": {}}, {"step": 5}]
     path.write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"step": 6, "lo')  # cut by a crash
-    train_ds.trim_metrics(str(path), 4)
+    distributed.trim_metrics(str(path), 4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 4]
-    train_ds.trim_metrics(str(path), 0)
+    distributed.trim_metrics(str(path), 0)
     assert path.read_text() == ""
 
 
