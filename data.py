@@ -177,13 +177,23 @@ class CsvCaptions(torch.utils.data.Dataset):
 
     Separator and column names follow OpenCLIP's options. A row whose image is missing or corrupt,
     or whose caption is empty, is replaced by the next readable row (so every rank keeps its batch
-    size) and reported in the sample's `skipped` list. Augmentation is drawn from (seed, epoch, index).
+    size) and reported in the sample's `skipped` list, once each time the epoch's order draws that
+    row (each row is drawn at most once per epoch), not again when it is met as another row's
+    replacement. Augmentation is drawn from (seed, epoch, index). A file none of whose first
+    `CHECKED_ROWS` images exists is refused at once (DataError), before any training starts.
     """
+    CHECKED_ROWS = 1000  # also the most rows a sample looks through for a readable one
 
     def __init__(self, path, image_size=224, seed=0, separator="\t", img_key="filepath", caption_key="title"):
         rows = read_csv(path, separator, img_key, caption_key)
         if not rows:
             raise DataError(f"{path}: no rows")
+        # the first existing image is usually the first row's: one stat; a wrong path column costs at most 1000
+        first = rows[: self.CHECKED_ROWS]
+        if not any(os.path.isfile(image) for _, image, _, _ in first):
+            raise DataError(f"{path}: none of the images of its first {len(first)} rows exists (e.g. line "
+                            f"{first[0][0]}: {first[0][1]}; relative paths are read from the file's folder): "
+                            f"check --csv_img_key and the paths")
         self.paths = [image for _, image, _, _ in rows]
         self.captions = [caption for _, _, caption, _ in rows]
         self.seed = seed
@@ -194,18 +204,18 @@ class CsvCaptions(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        skipped = []
-        for attempt in range(min(len(self), 1000)):
+        failed = []
+        for attempt in range(min(len(self), self.CHECKED_ROWS)):
             row = (index + attempt) % len(self)
             try:
                 caption = clean_caption(self.captions[row], self.paths[row])
                 image = read_image(self.paths[row], self.paths[row])
             except SkippedSample as e:
-                skipped.append((e.reason, e.where))
+                failed.append((e.reason, e.where))
                 continue
             rng = random.Random(f"msclip-csv-aug/{self.seed}/{epoch}/{index}")
-            return self.transform(image, rng), msclip.tokenize(caption)[0], skipped
-        raise RuntimeError(f"{len(skipped)} rows in a row from row {index} are unreadable ({skipped[:3]} ...): check the data")
+            return self.transform(image, rng), msclip.tokenize(caption)[0], failed[:1]  # row `index`'s own, if bad
+        raise RuntimeError(f"{len(failed)} rows in a row from row {index} are unreadable ({failed[:3]} ...): check the data")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -686,7 +696,12 @@ def open_wds(root, folders, name):
 
     def lines(file):
         path = root / file
-        return [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()] if path.is_file() else None
+        if not path.is_file():
+            return None
+        found = [l.strip() for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        if not found:  # rather than a silent fall-back (ImageNet's templates, no class names)
+            raise DataError(f"{path} is empty: fill it, or remove it to use the defaults")
+        return found
 
     kind = (lines("dataset_type.txt") or ["classification"])[0].lower()
     if kind not in ("classification", "retrieval"):

@@ -321,7 +321,17 @@ def encode_texts(model, texts, device="cpu", precision="fp32", batch_size=256, o
                                  eot_when_truncated=not official_truncation)
         with autocast(device, precision):
             out.append(model.encode_text(msclip.trim_padding(tokens).to(device), normalize=False).float().cpu())
-    return F.normalize(torch.cat(gather_from_ranks(out, group)), dim=-1)
+    return F.normalize(finite(torch.cat(gather_from_ranks(out, group)), "text embeddings"), dim=-1)
+
+
+def finite(features, what):
+    """`features`, or EvalError when some are NaN or infinite: a model whose weights (or BatchNorm
+    statistics) are not finite, which would otherwise score at chance without a word."""
+    bad = int((~torch.isfinite(features).all(dim=-1)).sum()) if features.numel() else 0
+    if bad:
+        raise EvalError(f"{bad} of {len(features)} {what} hold NaN or infinity: the model's weights or BatchNorm "
+                        "statistics are not finite (a checkpoint of a diverged training?)")
+    return features
 
 
 def zeroshot_classifier(model, classnames, templates, device="cpu", precision="fp32", batch_size=256, group=None):
@@ -372,7 +382,7 @@ def encode_images(model, dataset, device="cpu", precision="fp32", batch_size=64,
     if not features:
         raise EvalError(f"no image of {what} could be read ({len(skipped)} skipped"
                         + (f", e.g. {skipped[0]})" if skipped else ")"))
-    return {"features": torch.cat(features),
+    return {"features": finite(torch.cat(features), f"image features of {what}"),
             "labels": torch.tensor(labels, dtype=torch.long) if None not in labels else None,
             "captions": captions if None not in captions else None,
             "skipped": len(skipped), "skipped_examples": skipped[:10]}
