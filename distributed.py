@@ -138,12 +138,13 @@ def register_orphan_parameters(model):
             deepspeed.zero.register_external_parameter(model, parameter)
 
 
-def logit_scale_clamp(engine, maximum=math.log(100)):
-    """A function that clamps the logit scale at ln(100) after a step in every copy the engine
-    keeps: the model's parameter (at ZeRO-3 its gathered copy and this rank's partition) and the
-    optimizer's fp32 master (ZeRO 1-3; at ZeRO-0 under torch_autocast the parameter is the master).
-    Clamping only the model's copy would be undone by the next step. It runs on the device: no
-    value comes back to the host and no collective runs. Build it after load_checkpoint."""
+def logit_scale_clamp(engine, minimum=0.0, maximum=math.log(100)):
+    """A function that clamps the logit scale to [0, ln(100)] after a step (OpenCLIP's bounds: below 0
+    the logits shrink inside [-1, 1] and the softmax flattens towards chance) in every copy the engine keeps: the
+    model's parameter (at ZeRO-3 its gathered copy and this rank's partition) and the optimizer's
+    fp32 master (ZeRO 1-3; at ZeRO-0 under torch_autocast the parameter is the master). Clamping
+    only the model's copy would be undone by the next step. It runs on the device: no value comes
+    back to the host and no collective runs. Build it after load_checkpoint."""
     from deepspeed.utils import safe_get_local_fp32_param, safe_set_full_fp32_param, safe_set_local_fp32_param
     param = engine.module.logit_scale
     zero3 = hasattr(param, "ds_id")
@@ -153,15 +154,15 @@ def logit_scale_clamp(engine, maximum=math.log(100)):
 
     @torch.no_grad()
     def clamp():
-        param.data.clamp_(max=maximum)  # ZeRO-3: the gathered copy, or an empty tensor
+        param.data.clamp_(minimum, maximum)  # ZeRO-3: the gathered copy, or an empty tensor
         if not zero3:
             safe_set_full_fp32_param(param, param.data)  # ZeRO 1/2: copies into the local master fragment, if any
         elif offloaded:
-            param.ds_tensor.clamp_(max=maximum)
-            safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(max=maximum))
+            param.ds_tensor.clamp_(minimum, maximum)
+            safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(minimum, maximum))
         else:
-            param.ds_tensor.clamp_(max=maximum)
-            master.clamp_(max=maximum)
+            param.ds_tensor.clamp_(minimum, maximum)
+            master.clamp_(minimum, maximum)
     return clamp
 
 
@@ -292,16 +293,41 @@ def own_files(folder, rank):
     return [os.path.join(folder, n) for n, m in ranks.items() if (int(m.group(1)) if m else 0) == rank]
 
 
+def nonfinite_tensors(module):
+    """Names of the module's parameters and buffers (BatchNorm's running statistics) that hold a NaN
+    or an infinity in this rank's copy: at ZeRO-3 a parameter's partition (what this rank saves),
+    else the whole tensor. One pass over the weights and one read back to the host."""
+    named = [(n, getattr(p, "ds_tensor", p)) for n, p in module.named_parameters()] + list(module.named_buffers())
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named])
+    return [named[i][0] for i in (~finite).nonzero().flatten().tolist()]
+
+
 def save(engine, out_dir, step, client_state, trainer_state, keep, group):
     """DeepSpeed checkpoint into checkpoints/step_N, made durable before it counts: rank 0 empties the
     tag folder (an older run's files of this step, e.g. from another world size, would otherwise
     stay), every rank writes and fsyncs its own files, then rank 0 writes trainer_state.json (the
     completion marker) and points `latest` at it, and prunes older checkpoints marker first. A crash
     or a failed write at any point leaves the previous complete checkpoint the resume point; a
-    failed write stops every rank with a message that says why (full disk, read-only, ...)."""
+    failed write stops every rank with a message that says why (full disk, read-only, ...).
+    Weights or BatchNorm statistics that are not finite (a diverged run) are never written: every
+    rank checks its own before anything is touched, and all stop, naming the last finite checkpoint,
+    which stays `latest` (it is the newest complete one, so pruning never removes it)."""
     import torch.distributed as dist
     root, tag = checkpoint_root(out_dir), f"step_{step:08d}"
     folder, rank = os.path.join(root, tag), dist.get_rank()
+    bad = nonfinite_tensors(engine.module)
+    problem = agree(f"{len(bad)} tensors hold NaN or infinity, e.g. {', '.join(bad[:3])}" if bad else None, group)
+    if problem:
+        previous = latest_checkpoint(out_dir)
+        message = (f"step {step}: the weights or BatchNorm statistics are not finite ({problem}): the run diverged, "
+                   f"and checkpoint {tag} is not written. " +
+                   (f"The last finite checkpoint, {os.path.join(root, previous)}, stays `latest`: --resume continues "
+                    "from it (with, e.g., a lower --lr or a longer warm-up)." if previous else
+                    "No checkpoint was written before: start again with, e.g., a lower --lr or a longer warm-up."))
+        raise SystemExit(message if rank == 0 else 1)
     error = None
     if rank == 0:
         try:
@@ -423,10 +449,17 @@ def consolidated_state_dict(folder):
     return state, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
 
 
-def export(folder, path):
+def export(folder, path, allow_nonfinite=False):
     """Write the checkpoint in `folder` as msclip.save_checkpoint does ({"msclip_config", "state_dict"}),
-    checked by loading it strictly into the model. Returns the model."""
+    checked by loading it strictly into the model. Returns the model. Weights or buffers holding NaN
+    or infinity (a diverged run; eval.py would score them at chance) raise ValueError unless
+    `allow_nonfinite`."""
     state, weights = consolidated_state_dict(folder)
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad and not allow_nonfinite:
+        raise ValueError(f"{folder} holds NaN or infinity in {len(bad)} of {len(weights)} tensors (e.g. "
+                         f"{', '.join(bad[:3])}): it was saved after the run diverged, and its weights score at "
+                         "chance; refusing to export it (--export_nonfinite writes it anyway, e.g. to inspect it)")
     model = msclip.load_checkpoint({"msclip_config": state["msclip_config"], "state_dict": weights})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     msclip.save_checkpoint(model, path)
@@ -440,6 +473,7 @@ def convert_to_universal(folder, target):
     from deepspeed.checkpoint import ds_to_universal
     partial = target + ".tmp"
     shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)  # a conversion cut short before this code marked it (no marker): redone
     workers = max(1, min(8, (os.cpu_count() or 1) // 2))  # processes; 1 = in this process
     options = types.SimpleNamespace(input_folder=folder, output_folder=partial, num_extract_workers=workers,
                                     num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
@@ -480,13 +514,10 @@ def resume_source(out_dir, tag, world_size, zero_stage, group, log):
     return folder, "universal"
 
 
-def repair_universal_load(optimizer, settings, lrs):
-    """Two repairs after DeepSpeed's ZeRO-3 universal load (0.19.7, 0.19.8): it gives every parameter
-    group group 0's settings (MS-CLIP's groups differ in weight decay and learning rate), and one Adam
-    step-count tensor to all groups, which AdamW then increments in place once per group.
-    `settings`: each group's settings before the load; `lrs`: the scheduled learning rates."""
-    for group, saved, lr in zip(optimizer.param_groups, settings, lrs):
-        group.update(saved, lr=lr)
+def repair_universal_load(optimizer):
+    """DeepSpeed's ZeRO-3 universal load (0.19.7, 0.19.8) gives all parameter groups one Adam
+    step-count tensor, which AdamW then increments in place once per group: each group its own.
+    (It also gives every group group 0's settings: train_ds.resume sets every group's own again.)"""
     for state in optimizer.optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
@@ -621,3 +652,73 @@ class StopRequests:
         flag = torch.tensor([self.reason is not None], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# Failures: DataLoader workers that must end with the rank, a diverging run
+# ----------------------------------------------------------------------------------------------
+
+class LoaderBatches:
+    """iter(loader), whose DataLoader workers close() stops, also after an exception. `del` is not
+    enough: an exception's traceback keeps the iterator alive, and the workers ignore SIGTERM
+    (ignoring_stop_signals), so multiprocessing's exit handler, which SIGTERMs its daemon children
+    and then joins them, would wait forever: the rank printed its error and never exited."""
+
+    def __init__(self, loader):
+        import multiprocessing
+        before = set(multiprocessing.active_children())
+        self.iterator = iter(loader)  # starts the workers
+        self.workers = [p for p in multiprocessing.active_children() if p not in before]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.iterator)
+
+    def close(self, timeout=5):
+        # PyTorch's orderly stop first (private, hence looked up): it tells the workers to end, joins
+        # them and unregisters them from its SIGCHLD handler, which would report the kills below as a crash
+        stop = getattr(self.iterator, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
+        for worker in self.workers:
+            if worker.is_alive():  # busy past PyTorch's wait (its terminate() is a SIGTERM): SIGKILL
+                worker.kill()
+                worker.join(timeout)
+        self.iterator = None
+
+
+class DivergenceGuard:
+    """Counts bad optimizer steps on the device, with no read back to the host between log steps.
+    A step is bad when its loss is not finite, or when DeepSpeed skipped it: at ZeRO >= 1 it skips a
+    step whose gradient norm is not finite, silently, and leaves the learning-rate schedule where it
+    was; the guard then advances the schedule, so that it stays a function of the trainer's step.
+    (At ZeRO-0 a non-finite gradient is applied: the weights turn non-finite and the next step's
+    loss is counted.) read() tells every rank the counts since the previous read."""
+
+    def __init__(self, engine):
+        self.engine, self.skipped = engine, engine.skipped_steps
+        zero = torch.zeros((), dtype=torch.int64, device=engine.device)
+        self.bad, self.streak, self.longest = zero, zero.clone(), zero.clone()
+
+    def step(self, loss):
+        """After each optimizer step, with the step's loss (a tensor on the device)."""
+        skipped = self.engine.skipped_steps != self.skipped  # a Python int DeepSpeed keeps: no host read
+        if skipped:
+            self.skipped = self.engine.skipped_steps
+            self.engine.lr_scheduler.step()
+        bad = ~torch.isfinite(loss) | skipped
+        self.bad = self.bad + bad
+        self.streak = torch.where(bad, self.streak + 1, 0)
+        self.longest = torch.maximum(self.longest, self.streak)
+
+    def read(self):
+        """(bad steps, the longest run of consecutive bad steps) since the previous read, the largest
+        over the ranks: a collective and a read back to the host, so only at log steps."""
+        import torch.distributed as dist
+        values = torch.stack([self.bad, self.longest])
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        self.bad, self.longest = torch.zeros_like(self.bad), self.streak.clone()  # a run goes on into the next window
+        bad, longest = values.tolist()
+        return bad, longest

@@ -32,6 +32,7 @@ Every default is in the parser below. ds_config.json holds only what DeepSpeed r
 trainer does not set (ZeRO tuning, monitors); --ds_set KEY=JSON changes any of it.
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -120,6 +121,9 @@ def build_parser():
     a("--warmup_start_ratio", type=float, default=0.01, help="the warm-up starts at this fraction of the peak lr")
     a("--min_lr_ratio", type=float, default=0.1, help="the cosine ends at this fraction of the peak learning rate")
     a("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    a("--max_bad_steps", type=int, default=10,
+      help="stop the run (exit 1) after this many optimizer steps in a row with a non-finite loss or gradient norm "
+           "(checked at log steps; 0: never stop, only count them)")
     a("--zero_stage", type=int, choices=[0, 1, 2, 3], default=1, help="ZeRO stage")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
       help="auto: bf16 on GPUs that have it, else fp16 on GPUs; fp32 on CPU")
@@ -136,6 +140,8 @@ def build_parser():
     a("--export", metavar="PATH", help="only write the latest checkpoint of --out_dir (or --checkpoint) as one fp32 "
                                        "file for msclip.load_checkpoint / eval.py, then exit")
     a("--checkpoint", help="with --export: a checkpoint folder (out/checkpoints/step_00000600)")
+    a("--export_nonfinite", action="store_true", help="with --export: write the weights even if some hold NaN or "
+                                                      "infinity (refused otherwise)")
 
     a = p.add_argument_group("monitoring").add_argument
     a("--log_every", type=int, default=10, help="progress line and metrics.jsonl record every N steps")
@@ -210,6 +216,8 @@ def check_args(parser, args, world_size):
     args.grad_accum = args.grad_accum or 1
     if micro < 1 or args.grad_accum < 1:
         parser.error(f"--batch_size {micro} and --grad_accum {args.grad_accum} must be >= 1")
+    if args.max_bad_steps < 0:
+        parser.error("--max_bad_steps must be >= 0 (0: never stop)")
     args.global_batch_size = micro * args.grad_accum * world_size
     if args.data_type == "synthetic" and args.hard_negatives not in ("none", "0", ""):
         match = re.fullmatch(r"(\d+)x(\d+)", args.hard_negatives)
@@ -377,7 +385,8 @@ def resume(engine, source, args, world_size, log):
     """The run's progress: from the checkpoint `source` = (folder, tag) names, or a fresh start when the
     tag is None. Progress is what a checkpoint saves besides DeepSpeed's state: the step, the
     micro-batches consumed (map-style data), each DataLoader worker's WebDataset stream position, the
-    skipped-sample counts; each rank's random state is restored too."""
+    skipped-sample counts; each rank's random state is restored too. The optimizer continues with
+    this command line's learning rates, weight decays and schedule (continue_schedule)."""
     progress = {"step": 0, "micro_batches": 0, "stream": {}, "skipped": {}, "examples": {}, "saved_step": None}
     if not source[1]:
         if args.resume:
@@ -386,9 +395,12 @@ def resume(engine, source, args, world_size, log):
     settings = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
     _, client = engine.load_checkpoint(*source)
     if source[1] == "universal":
-        distributed.repair_universal_load(engine.optimizer, settings, engine.lr_scheduler.get_last_lr())
+        distributed.repair_universal_load(engine.optimizer)
     progress.update(step=client["step"], micro_batches=client["micro_batches"], skipped=dict(client["skipped"]),
                     saved_step=client["step"])
+    # a universal load gives every group group 0's settings (DeepSpeed 0.19.7, 0.19.8): nothing to compare with
+    continue_schedule(engine.optimizer, engine.lr_scheduler, settings, progress["step"], log,
+                      saved=source[1] != "universal")
     global_micro = args.batch_size * world_size
     if client["world_size"] == world_size:
         set_rng_state(client["rng"][torch.distributed.get_rank()])
@@ -403,6 +415,29 @@ def resume(engine, source, args, world_size, log):
             "order differs from an uninterrupted run")
     log(f"resumed {source[0]}/{source[1]} at step {progress['step']}")
     return progress
+
+
+def continue_schedule(optimizer, schedule, settings, step, log, saved=True):
+    """After load_checkpoint, which restores each parameter group's learning rate, weight decay and
+    AdamW constants and the schedule's peak learning rates as saved: this run's `settings` (each
+    group's, as this command line built them) from `step` on, on this run's schedule function
+    (lr_lambda of its warm-up and --steps; LambdaLR saves no function), so that a changed --lr,
+    --lr_shared, --wd, --wd_shared, --betas, --eps, warm-up, --min_lr_ratio or --steps is used, not
+    only printed. Logs the values that changed (`saved`: the groups hold the checkpoint's values)."""
+    before = [dict(g) for g in optimizer.param_groups]
+    for group, new in zip(optimizer.param_groups, settings):
+        group.update({k: v for k, v in new.items() if k != "lr"})  # initial_lr: the peak LambdaLR scales
+    schedule.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    schedule.last_epoch = step - 1
+    schedule.step()  # lr = peak x factor(step) in every group
+    changes = {}
+    for key, what in (("lr", "learning rate"), ("weight_decay", "weight decay"), ("betas", "betas"), ("eps", "eps")):
+        for i, (old, group) in enumerate(zip(before, optimizer.param_groups)):
+            if saved and old[key] != group[key]:
+                changes.setdefault((what, repr(old[key]), repr(group[key])), []).append(group.get("name", str(i)))
+    if changes:
+        log(f"--resume: from step {step} on, this command line's settings: " + "; ".join(
+            f"{what} {old} -> {new} ({', '.join(names)})" for (what, old, new), names in changes.items()))
 
 
 def save_checkpoint(engine, args, progress, model_config, control):
@@ -434,19 +469,22 @@ def evaluate(engine, eval_sets, args, control):
 def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics, log):
     """The training loop, until --steps (or --stop_at) or a stop request: each step feeds
     --grad_accum micro-batches forward and backward (DeepSpeed averages the gradients over ranks,
-    clips and applies them at the last), clamps the logit scale, then logs, evaluates and
-    checkpoints on their schedules. The loss stays on the device between log steps."""
+    clips and applies them at the last), clamps the logit scale, counts a bad step, then logs,
+    evaluates and checkpoints on their schedules. The loss stays on the device between log steps;
+    --max_bad_steps bad steps in a row stop the run there. Any exception stops the DataLoader
+    workers on its way out, so that the rank exits."""
     dist, device, world_size = torch.distributed, engine.device, torch.distributed.get_world_size()
     loss_fn = msclip.ContrastiveLoss(gather_with_grad=True, local_loss=args.local_loss)
     clamp_logit_scale = distributed.logit_scale_clamp(engine)  # after load_checkpoint: views of the fp32 master
+    guard = distributed.DivergenceGuard(engine)
     last = min(args.steps, args.stop_at) if args.stop_at else args.steps
     epoch_size = len(loader.dataset) if args.data_type != "webdataset" else (args.train_samples or math.inf)
     started, window_start = time.time(), time.time()
     loss_sum, micro_batches, window_steps, skipped = 0.0, 0, 0, {}
-    batches = iter(loader)
+    batches = distributed.LoaderBatches(loader)
     try:
         while progress["step"] < last and not stop.agreed():
-            lr = engine.lr_scheduler.get_last_lr()[0]
+            lr, step_loss = engine.lr_scheduler.get_last_lr()[0], 0.0
             for _ in range(args.grad_accum):
                 images, tokens, skips, positions = next(batches)
                 for reason, where in skips:
@@ -461,9 +499,11 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                 loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
                 engine.backward(loss)
                 engine.step()
-                loss_sum, micro_batches = loss_sum + loss.detach(), micro_batches + 1
+                step_loss, micro_batches = step_loss + loss.detach(), micro_batches + 1
                 progress["micro_batches"] += 1
             clamp_logit_scale()
+            guard.step(step_loss)
+            loss_sum = loss_sum + step_loss
             progress["step"] += 1
             window_steps += 1
             step = progress["step"]
@@ -475,20 +515,24 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                     progress["skipped"][reason] = progress["skipped"].get(reason, 0) + int(n)
                 if counts.sum():
                     log(f"skipped so far: {progress['skipped']} (e.g. {progress['examples']})")
+                bad, in_a_row = guard.read()
                 elapsed = time.time() - window_start
                 scale = distributed.logit_scale_value(engine)
                 entry = {"step": step, "loss": float(loss_sum) / micro_batches, "lr": lr, "logit_scale": scale,
                          "pairs_per_s": window_steps * args.global_batch_size / max(elapsed, 1e-9),
                          "memory_gb": memory_gb(device),
                          "epoch": progress["micro_batches"] * args.batch_size * world_size / epoch_size,
-                         "skipped": dict(progress["skipped"]), "time": time.time() - started}
+                         "skipped": dict(progress["skipped"]), "bad_steps": bad, "time": time.time() - started}
                 record(metrics, entry)
                 eta = (args.steps - step) * elapsed / window_steps
                 log(f"step {step:>6}/{args.steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | logit scale {scale:.3f} | "
-                    f"{entry['pairs_per_s']:,.0f} pairs/s | mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}")
+                    f"{entry['pairs_per_s']:,.0f} pairs/s | mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}"
+                    + (f" | {bad} bad steps (non-finite loss or gradient), {in_a_row} in a row" if bad else ""))
                 if engine.monitor.enabled and metrics:
                     engine.monitor.write_events([("Train/loss", entry["loss"], step), ("Train/logit_scale", scale, step),
                                                  ("Train/pairs_per_s", entry["pairs_per_s"], step)])
+                if args.max_bad_steps and in_a_row >= args.max_bad_steps:  # every rank read the same counts
+                    raise SystemExit(diverged(args, step, in_a_row) if dist.get_rank() == 0 else 1)
                 loss_sum, micro_batches, window_steps, skipped, window_start = 0.0, 0, 0, {}, time.time()
 
             if eval_sets and args.eval_every > 0 and step % args.eval_every == 0 and step < last:
@@ -501,16 +545,37 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                 save_checkpoint(engine, args, progress, model_config, stop.group)
                 window_start = time.time()
     finally:
-        del batches  # stops the DataLoader workers
+        batches.close()
     if progress["saved_step"] != progress["step"]:
         save_checkpoint(engine, args, progress, model_config, stop.group)
 
 
+def diverged(args, step, in_a_row):
+    """Why a run stopped at `step` (--max_bad_steps), and the checkpoint to continue from."""
+    latest = distributed.latest_checkpoint(args.out_dir)
+    return (f"step {step}: {in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (--max_bad_steps "
+            f"{args.max_bad_steps}): the run diverged. " +
+            (f"The last good checkpoint is {os.path.join(distributed.checkpoint_root(args.out_dir), latest)} "
+             "(`latest`): --resume continues from it (with, e.g., a lower --lr or a longer warm-up)." if latest else
+             "No checkpoint was written: start again with, e.g., a lower --lr or a longer warm-up."))
+
+
 def record(metrics, entry):
-    """One line of metrics.jsonl (rank 0 holds the file; other ranks None)."""
+    """One line of metrics.jsonl (rank 0 holds the file; other ranks None), strict JSON: a NaN or
+    infinite value (a diverging run's loss) is written as null."""
     if metrics:
-        metrics.write(json.dumps(entry) + "\n")
+        metrics.write(json.dumps(finite_or_null(entry), allow_nan=False) + "\n")
         metrics.flush()
+
+
+def finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def memory_gb(device):
@@ -544,7 +609,7 @@ def main(argv=None):
             parser.error(f"--export: no complete checkpoint in {args.checkpoint or root}")
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         try:
-            distributed.export(folder, args.export)
+            distributed.export(folder, args.export, allow_nonfinite=args.export_nonfinite)
         except ValueError as e:
             parser.error(f"--export: {e}")
         print(f"exported {folder} -> {args.export}")
@@ -569,6 +634,9 @@ def main(argv=None):
         eval_sets = [evaluation.open_named_dataset(s, args.eval_samples, model_config.image_size) for s in specs]
     except ValueError as e:
         parser.error(str(e))
+    if args.data_type != "webdataset" and len(dataset) < args.batch_size * world_size:  # map-style data
+        parser.error(f"--train_data: {len(dataset)} samples make no micro-batch of {args.batch_size} x {world_size} "
+                     f"rank(s): use a smaller --batch_size or more data")
     if args.steps is None:  # map-style data: whole optimizer steps per epoch
         args.steps = args.epochs * (len(dataset) // (args.batch_size * world_size) // args.grad_accum)
         if args.steps < 1:
@@ -581,7 +649,9 @@ def main(argv=None):
     launchers = distributed.launcher_processes() if launcher else []
     deepspeed = distributed.init_distributed(args.timeout_minutes)
     rank = torch.distributed.get_rank()
-    control = torch.distributed.new_group(backend="gloo")  # host-side agreement, no device synchronisation
+    # host-side agreement, no device synchronisation; its collectives give up after --timeout_minutes
+    # as the main group's do (a new group's default is torch's 30 minutes)
+    control = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(minutes=args.timeout_minutes))
     lock, tag, problem = distributed.claim_out_dir(args.out_dir, args.resume, control)
     if problem:
         parser.error(problem) if rank == 0 else sys.exit(2)

@@ -7,7 +7,8 @@ so that a test pays the launcher's start-up (20-30 s on 2 CPU cores) once for ma
 SPEC.json: {"result": PATH, "runs": [RUN, ...]}. A RUN is {"name", "argv"} (a train_ds.main call;
 its per-step metrics are read back from its --out_dir; with "count_host_reads": true, also every
 read of a tensor value to the host, see counting_host_reads; with "record_evaluation": true, what
-each rank encoded in eval mode, see recording_evaluation) or {"name", "reference": {...}}: the same
+each rank encoded in eval mode, see recording_evaluation; with "record_lrs": true, the learning
+rates AdamW applied, see recording_lrs) or {"name", "reference": {...}}: the same
 training re-computed in plain PyTorch, one process holding the global batch, without DeepSpeed and
 without train_ds's loop (only the definition of the data: shapes.SyntheticCaptions,
 shapes.minimal_pair_batches, data.normalize_images). Rank 0
@@ -34,7 +35,7 @@ import train_ds  # noqa: E402
 def reference(o):
     """Plain-PyTorch training on the built-in data: AdamW with MS-CLIP's groups, linear warm-up +
     cosine, gradient accumulation (mean over micro-batches), global-norm clipping, logit scale
-    clamped at ln(100) after each step."""
+    clamped to [0, ln(100)] after each step."""
     torch.manual_seed(o["seed"])
     model = msclip.create_model(o["preset"], **o.get("overrides", {}))
     if o.get("logit_scale_init") is not None:
@@ -70,7 +71,7 @@ def reference(o):
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            model.logit_scale.clamp_(max=math.log(100))
+            model.logit_scale.clamp_(0, math.log(100))
         losses.append(total / o["accum"])
         scales.append(model.logit_scale.item())
     return {"losses": losses, "logit_scales": scales, "grad_norms": norms}
@@ -142,6 +143,23 @@ def recording_evaluation():
     return records, restore
 
 
+def recording_lrs():
+    """Patch torch.optim.AdamW.step to record, per call, [learning rate, weight decay] of every
+    parameter group as the optimizer applies them (DeepSpeed calls it at every optimizer step it does
+    not skip: at ZeRO 1-2 once per group, each call holding that group alone). Returns (records, restore)."""
+    records, saved = [], torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        records.append([[float(group["lr"]), group["weight_decay"]] for group in self.param_groups])
+        return saved(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+
+    def restore():
+        torch.optim.AdamW.step = saved
+    return records, restore
+
+
 def main():
     spec_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
     with open(spec_path) as f:
@@ -154,12 +172,15 @@ def main():
         else:
             counts, restore = counting_host_reads() if run.get("count_host_reads") else (None, None)
             records, stop_recording = recording_evaluation() if run.get("record_evaluation") else (None, None)
+            lrs, stop_lrs = recording_lrs() if run.get("record_lrs") else (None, None)
             try:
                 result = train_ds.main(run["argv"])
             finally:
-                for undo in (restore, stop_recording):
+                for undo in (restore, stop_recording, stop_lrs):
                     if undo:
                         undo()
+            if lrs is not None:
+                result["applied_lrs"] = lrs
             if counts is not None:
                 import deepspeed
                 result.update(host_reads=counts, deepspeed_version=deepspeed.__version__)
