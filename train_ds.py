@@ -53,10 +53,12 @@ import shapes
 
 # The CPU demo model when --preset is not given: MS-CLIP-S tiny with a 16-pixel grid (4 x 4 tokens
 # at 64 px; the 32-pixel grid's 2 x 2 tokens learned shape about half as fast, measured) and the
-# fewest layers that hold the five fusion points. Its logit scale starts at the ln(100) clamp.
+# fewest layers that hold the five fusion points. Its logit scale starts at CLIP's ln(1 / 0.07):
+# started at the ln(100) clamp, the random features' loss began far above ln(batch) and runs of
+# 100-150 steps collapsed to identical embeddings, loss = ln(batch) (docs/MEASUREMENTS.md).
 DEFAULT_PRESET = "msclip-s-tiny-b16"
 DEMO_OVERRIDES = {"layers": 7, "fusion_layers": (2, 3, 4, 5, 6)}
-DEMO_LOGIT_SCALE = math.log(100)
+DEMO_LOGIT_SCALE = math.log(1 / 0.07)
 DEMO_STEPS = 600
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,7 +83,7 @@ def build_parser():
       help="comma-separated layers that get a parallel-branch adapter (5 values)")
     a("--image_size", type=int, help="override the preset's image size")
     a("--logit_scale_init", type=float, help="initial log inverse temperature (default: the model's, 1.0 as the "
-                                             f"official code; CLIP used 2.659; the demo model {DEMO_LOGIT_SCALE:.3f})")
+                                             f"official code; the demo model CLIP's ln(1/0.07) = {DEMO_LOGIT_SCALE:.3f})")
     a("--grad_checkpointing", action="store_true", help="recompute transformer layers in backward (less memory)")
     a("--local_loss", action="store_true", help="each rank scores only its own rows against all columns (less memory)")
 
@@ -326,6 +328,9 @@ def check_out_dir(args, model_config, world_size):
         holder = distributed.out_dir_holder(out_dir)
     except OSError as e:
         return f"--out_dir {out_dir} is not writable: {distributed.write_error(e, out_dir)}", []
+    # A live holder is refused even when it is this job's own rank 0: a job runs one training per process,
+    # so that can only be an earlier training of the same processes still finishing (a test harness runs
+    # several; tests/_train_runs.py waits at a barrier after each); ignoring it would let two runs share a folder.
     if holder:
         return (f"--out_dir {out_dir} is in use by another training ({holder}): wait for it to finish, stop it, "
                 "or choose another --out_dir"), []
