@@ -410,6 +410,24 @@ def open_train_data(kind, source=None, image_size=224, seed=0, synthetic_samples
     return ShardStream(expand_shards(source), image_size, seed, shuffle_buffer=shuffle_buffer, interleave=interleave)
 
 
+MAX_DEFAULT_WORKERS = 16  # beyond this a rank's loader adds memory (buffers, batches in flight) more than data
+
+
+def default_workers(cores, sharing, accelerator):
+    """(DataLoader workers per rank, why) when --workers is not given: on an accelerator, this rank's
+    part of the cores (`cores` shared by `sharing` ranks, distributed.node_cores), less one for the
+    rank's own process, between 1 and MAX_DEFAULT_WORKERS. On CPU, 1: the rank's compute threads use
+    its cores, and a CPU training step (0.25 pairs/s for msclip-s-b32 on 2 cores, docs/MEASUREMENTS.md)
+    is far slower than one worker's decoding (hundreds of samples/s), so more workers only take
+    cores from the model."""
+    if not accelerator:
+        return 1, "CPU training: the model's threads take the cores, one worker outpaces a CPU step"
+    share = cores // max(1, sharing)
+    workers = max(1, min(MAX_DEFAULT_WORKERS, share - 1))
+    return workers, (f"{cores} cores / {sharing} rank(s) sharing them = {share} per rank, less 1 for the rank"
+                     + (f", at most {MAX_DEFAULT_WORKERS}" if share - 1 > MAX_DEFAULT_WORKERS else ""))
+
+
 def train_loader(dataset, micro, rank, world_size, workers, seed=0, start_micro_batch=0, stream_start=None,
                  groups=None, pin_memory=False, log=print):
     """This rank's DataLoader of uint8 batches (images, tokens, skipped, stream positions), endless.

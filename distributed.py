@@ -115,6 +115,23 @@ def init_distributed(timeout_minutes):
     return deepspeed
 
 
+def node_cores(group=None):
+    """(CPU cores this rank may run on, ranks of its node that run on them too). The cores are the
+    rank's affinity (what a cpuset, taskset or the launcher's binding leaves it, not os.cpu_count()).
+    With `group` (the process group exists), the sharing ranks are those on the same host whose
+    affinity overlaps this rank's: srun --cpus-per-task and mpirun --bind-to pin each rank to its
+    own cores (nothing shared), deepspeed and torchrun leave every rank all the node's cores. Without
+    it, every rank of the node (LOCAL_WORLD_SIZE) is taken to share them."""
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    if group is None:
+        return len(mine), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    import torch.distributed as dist
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (socket.gethostname(), sorted(mine)), group=group)
+    host = socket.gethostname()
+    return len(mine), sum(1 for h, cores in everyone if h == host and mine.intersection(cores))
+
+
 def agree(error, group):
     """Every rank's error (a string or None) -> one message naming the failing ranks, or None."""
     import torch.distributed as dist

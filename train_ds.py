@@ -96,7 +96,8 @@ def build_parser():
     a("--hard_negatives", default="none", metavar="SxC",
       help="built-in data: batches made of groups of S shapes x C colours drawn with the same layout and "
            "wording, so that pairs differ only in shape or colour ('none': uniformly random batches)")
-    a("--workers", type=int, help="DataLoader workers per rank (default: 1 on CPU, 4 on GPU)")
+    a("--workers", type=int, help="DataLoader workers per rank (default: on GPUs the rank's share of its node's CPU "
+                                  "cores less one, at most 16; 1 on CPU; the start-up line says which and why)")
     a("--shuffle_buffer", type=int, default=5000, help="WebDataset: undecoded samples in each DataLoader worker's "
                                                         "shuffle buffer, which spans shard boundaries (OpenCLIP: 5000)")
     a("--interleave_shards", type=int, default=8, help="WebDataset: shards each worker reads at once, drawing samples "
@@ -160,7 +161,8 @@ def build_parser():
 
 def check_args(parser, args, world_size):
     """Refuse what cannot run and fill in what the options imply (data type, accumulation, precision,
-    workers, evaluation schedule) in `args`, before DeepSpeed starts. Returns the model config."""
+    evaluation schedule) in `args`, before DeepSpeed starts (--workers: in main, from the node's
+    cores). Returns the model config."""
     # Model
     preset = args.preset or DEFAULT_PRESET
     overrides = dict(DEMO_OVERRIDES) if args.preset is None else {}
@@ -248,8 +250,6 @@ def check_args(parser, args, world_size):
 
     if args.eval_every is None:
         args.eval_every = 100 if args.data_type == "synthetic" else 0
-    if args.workers is None:
-        args.workers = 4 if cuda else 1
     return model_config
 
 
@@ -338,8 +338,8 @@ def check_out_dir(args, model_config, world_size):
                 ". Resume with the saved settings or choose another --out_dir"), []
     ignored = {"resume", "stop_at", "timeout_minutes", "local_rank", "deepspeed", "export", "checkpoint", "out_dir",
                "deepspeed_config"}
-    changed = [f"--{k} {saved['args'].get(k)} -> {v}" for k, v in vars(args).items()
-               if k not in ignored and k in saved["args"] and json.loads(json.dumps(v)) != saved["args"][k]]
+    changed = [f"--{k} {saved['args'].get(k)} -> {v}" for k, v in vars(args).items()  # None: resolved later (--workers)
+               if k not in ignored and k in saved["args"] and v is not None and json.loads(json.dumps(v)) != saved["args"][k]]
     if saved["world_size"] != world_size:
         changed.append(f"ranks {saved['world_size']} -> {world_size}" + (
             " (the checkpoint is converted to DeepSpeed's universal format to re-partition ZeRO's states)"
@@ -586,6 +586,9 @@ def main(argv=None):
     if problem:
         parser.error(problem) if rank == 0 else sys.exit(2)
     stop = distributed.StopRequests(control, launchers)
+    workers_why = "--workers"
+    if args.workers is None:
+        args.workers, workers_why = data.default_workers(*distributed.node_cores(control), torch.cuda.is_available())
     log = (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
     for note in notes:
         log(note)
@@ -626,7 +629,7 @@ def main(argv=None):
         f"parameters, {c.layers} layers, width {c.vision_width}, {c.image_size} px | {args.data_type} data | ZeRO "
         f"{args.zero_stage}, {args.precision}, {world_size} rank(s) on {engine.device.type} | {args.steps} steps x "
         f"{args.global_batch_size} pairs ({args.batch_size} per rank x {args.grad_accum} accumulation), lr {args.lr:g} "
-        f"(shared {args.lr_shared:g}), warm-up {warmup}")
+        f"(shared {args.lr_shared:g}), warm-up {warmup} | {args.workers} DataLoader worker(s) per rank ({workers_why})")
 
     # Train; then export and the final evaluation, or, when asked to stop, only the checkpoint
     # (schedulers SIGKILL about 30 s after their notice)

@@ -4,6 +4,7 @@ eval.py: CSV rows (one reader for training and evaluation), the WebDataset train
 uint8 transport against msclip.ImageTransform's float path, high-bit-depth images, and the
 tokenizer's bounded caches. In-process, no DeepSpeed."""
 import itertools
+import os
 import pickle
 import random
 
@@ -366,3 +367,31 @@ def test_tokenizer_caches_are_bounded_and_ids_unchanged():
     again = pickle.loads(pickle.dumps(small))  # DataLoader workers get a copy
     assert again.word_cache.capacity == 8 and list(again.word_cache) == list(small.word_cache)
     assert torch.equal(again(captions), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# DataLoader workers by default: the rank's share of the node's cores
+# ----------------------------------------------------------------------------------------------
+
+def test_default_workers_from_the_node(monkeypatch):
+    """An 8-GPU node: the rank's affinity split over the ranks that share it, less one for the rank,
+    within 1..16; ranks pinned to their own cores (srun --cpus-per-task) share nothing; CPU training 1."""
+    import distributed
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.node_cores() == (96, 8)
+    assert data.default_workers(96, 8, True)[0] == 96 // 8 - 1
+    assert data.default_workers(224, 8, True)[0] == 16 and "at most 16" in data.default_workers(224, 8, True)[1]
+    assert data.default_workers(8, 8, True)[0] == 1 and data.default_workers(96, 8, False)[0] == 1
+    # the gathered affinities: 8 ranks on this host and 8 on another, all on the same 96 cores (deepspeed)
+    # or each pinned to 10 of its own (srun --cpus-per-task 10)
+    host = __import__("socket").gethostname()
+    for layout, mine, expected in (("shared", set(range(96)), (96, 8)), ("pinned", set(range(10, 20)), (10, 1))):
+        everyone = [(h, list(range(96)) if layout == "shared" else list(range(10 * r, 10 * r + 10)))
+                    for h in (host, "other-node") for r in range(8)]
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, mine=mine: mine)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: len(everyone))
+        monkeypatch.setattr(torch.distributed, "all_gather_object",
+                            lambda out, obj, group=None, everyone=everyone: out.__setitem__(slice(None), everyone))
+        assert distributed.node_cores(group=object()) == expected, layout
+    assert data.default_workers(10, 1, True)[0] == 9
