@@ -442,13 +442,15 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
     last = min(args.steps, args.stop_at) if args.stop_at else args.steps
     epoch_size = len(loader.dataset) if args.data_type != "webdataset" else (args.train_samples or math.inf)
     started, window_start = time.time(), time.time()
-    loss_sum, micro_batches, window_steps, skipped = 0.0, 0, 0, {}
+    loss_sum, micro_batches, window_steps, skipped, waited = 0.0, 0, 0, {}, 0.0
     batches = iter(loader)
     try:
         while progress["step"] < last and not stop.agreed():
             lr = engine.lr_scheduler.get_last_lr()[0]
             for _ in range(args.grad_accum):
+                waiting = time.perf_counter()  # host time only: the data wait needs no device sync
                 images, tokens, skips, positions = next(batches)
+                waited += time.perf_counter() - waiting
                 for reason, where in skips:
                     skipped[reason] = skipped.get(reason, 0) + 1
                     progress["examples"].setdefault(reason, where)
@@ -479,17 +481,18 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                 scale = distributed.logit_scale_value(engine)
                 entry = {"step": step, "loss": float(loss_sum) / micro_batches, "lr": lr, "logit_scale": scale,
                          "pairs_per_s": window_steps * args.global_batch_size / max(elapsed, 1e-9),
-                         "memory_gb": memory_gb(device),
+                         "memory_gb": memory_gb(device), "data_wait": min(1.0, waited / max(elapsed, 1e-9)),
                          "epoch": progress["micro_batches"] * args.batch_size * world_size / epoch_size,
                          "skipped": dict(progress["skipped"]), "time": time.time() - started}
                 record(metrics, entry)
                 eta = (args.steps - step) * elapsed / window_steps
                 log(f"step {step:>6}/{args.steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | logit scale {scale:.3f} | "
-                    f"{entry['pairs_per_s']:,.0f} pairs/s | mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}")
+                    f"{entry['pairs_per_s']:,.0f} pairs/s | data wait {entry['data_wait']:.0%} | "
+                    f"mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}")
                 if engine.monitor.enabled and metrics:
                     engine.monitor.write_events([("Train/loss", entry["loss"], step), ("Train/logit_scale", scale, step),
                                                  ("Train/pairs_per_s", entry["pairs_per_s"], step)])
-                loss_sum, micro_batches, window_steps, skipped, window_start = 0.0, 0, 0, {}, time.time()
+                loss_sum, micro_batches, window_steps, skipped, waited, window_start = 0.0, 0, 0, {}, 0.0, time.time()
 
             if eval_sets and args.eval_every > 0 and step % args.eval_every == 0 and step < last:
                 accuracy = evaluate(engine, eval_sets, args, stop.group)
