@@ -13,12 +13,15 @@ image decoder (read_image: skip-and-count, high bit depths scaled to 8 bits) ser
 Training images travel from the DataLoader workers as uint8; normalize_images() makes the model
 input on the device, equal bit for bit to msclip.ImageTransform's float path.
 """
+import contextlib
 import csv
 import glob
 import io
 import os
 import random
 import re
+import signal
+import subprocess
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,11 +216,14 @@ class CsvCaptions(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 
 def expand_shards(spec):
-    """'dir/{00000..01023}.tar' (zero-padded ranges), '{a,b}' alternatives, globs, '::'-separated lists."""
+    """'dir/{00000..01023}.tar' (zero-padded ranges), '{a,b}' alternatives, globs, '::'-separated lists.
+    'pipe:COMMAND' specs (read_tar runs the command) get the braces expanded and no glob: '*' and
+    '?' in a command are the command's."""
     def expand(pattern):
         match = re.search(r"\{([^{}]*)\}", pattern)
         if not match:
-            return sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+            glob_it = not pattern.startswith("pipe:") and any(c in pattern for c in "*?[")
+            return sorted(glob.glob(pattern)) if glob_it else [pattern]
         head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
         numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
         if numeric:
@@ -229,13 +235,42 @@ def expand_shards(spec):
     return [shard for part in spec.split("::") for shard in expand(part)]
 
 
+def missing_shards(shards):
+    """The local shards (not pipe:) that are not files, found with one directory listing per folder
+    instead of a stat per shard: every rank checks at start, and 64 ranks x 41k shards would be
+    2.6 M stats of a shared file system. A pipe: command's failure shows when it is read."""
+    listed, missing = {}, []
+    for shard in shards:
+        if shard.startswith("pipe:"):
+            continue
+        folder, name = os.path.split(shard)
+        if folder not in listed:
+            try:
+                with os.scandir(folder or ".") as entries:
+                    listed[folder] = {e.name for e in entries if e.is_file()}
+            except OSError:
+                listed[folder] = set()
+        if name not in listed[folder]:
+            missing.append(shard)
+    return missing
+
+
 def read_tar(path):
     """(key, {extension: bytes}) per sample of a tar shard, streamed: consecutive members sharing a
     key (the path up to the file name's first dot) form a sample, a repeated extension starts the
-    next one. A shard that cannot be opened or breaks off ends with ("(unreadable)", {"error": why})."""
-    key, files = None, {}
+    next one. A shard that cannot be opened or breaks off ends with ("(unreadable)", {"error": why}).
+
+    'pipe:COMMAND' reads the tar from the command's standard output (OpenCLIP's and webdataset's
+    convention: 'pipe:aws s3 cp s3://bucket/00000.tar -'); its standard error goes to the log. A
+    command that exits non-zero breaks the shard off; the command is killed when the reader is
+    closed or dropped before the end (a resumed or stopped stream)."""
+    key, files, process = None, {}, None
     try:
-        with tarfile.open(path, mode="r|*") as tar:
+        if path.startswith("pipe:"):
+            # its own process group: killing the shell alone would leave `a | b` or `a; b` running
+            process = subprocess.Popen(path[len("pipe:"):], shell=True, stdout=subprocess.PIPE, start_new_session=True)
+        with tarfile.open(path if process is None else None, mode="r|*",
+                          fileobj=None if process is None else process.stdout) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -249,9 +284,27 @@ def read_tar(path):
                         yield key, files
                     key, files = os.path.join(folder, stem), {}
                 files[extension] = tar.extractfile(member).read()
+        if process is not None:
+            while process.stdout.read(1 << 16):  # what follows the end-of-archive blocks: let the command finish
+                pass
+            if process.wait():
+                raise OSError("the command failed")
     except (tarfile.TarError, OSError, EOFError) as e:
-        yield "(unreadable)", {"error": f"{type(e).__name__}: {e}"}
+        why = f"{type(e).__name__}: {e}"
+        if process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)  # a command whose output broke off has usually ended: its status says why
+            status = "still running" if process.returncode is None else f"exit status {process.returncode}"
+            why = f"{path}: {status}, {why}"
+        yield "(unreadable)", {"error": why}
         return
+    finally:
+        if process is not None:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            process.stdout.close()
+            process.wait()
     if files:
         yield key, files
 
@@ -290,14 +343,27 @@ class ShardStream(torch.utils.data.IterableDataset):
     tokens, skipped, (worker, epoch, (group, n))), the position at which a resumed stream continues
     once this sample is consumed.
     `start` maps worker -> such a position (worker -1: every worker; (epoch, 0): the epoch's start).
+
+    Resampled (`epoch_samples` given; OpenCLIP's --dataset-resampled): each group is `interleave`
+    shards drawn with replacement from all the shards by a random.Random of (seed, epoch, rank,
+    worker, group), and a worker's epoch ends after epoch_samples / (world_size x workers) samples,
+    so epochs have any length and need not divide into shards. Positions are (group, n, samples
+    of the epoch so far); augmentation is drawn from the draw as well, so that a shard drawn twice is
+    cropped anew.
     """
 
     def __init__(self, shards, image_size=224, seed=0, rank=0, world_size=1, start=None, shuffle_buffer=5000,
-                 interleave=8, patience=10000, first_batch=0):
+                 interleave=8, patience=10000, first_batch=0, epoch_samples=None):
         self.shards, self.seed, self.rank, self.world_size = list(shards), seed, rank, world_size
         self.start, self.first_batch = dict(start or {}), first_batch
         self.shuffle_buffer, self.interleave, self.patience = shuffle_buffer, interleave, patience
         self.image_size, self.transform = image_size, PixelTransform(image_size, train=True)
+        self.epoch_samples = epoch_samples
+
+    def draw(self, epoch, worker, group):
+        """Resampled: the shards of a worker's group, drawn with replacement, and the Random that mixes them."""
+        rng = random.Random(f"msclip-wds-resampled/{self.seed}/{epoch}/{self.rank}/{worker}/{group}")
+        return [self.shards[rng.randrange(len(self.shards))] for _ in range(self.interleave)], rng
 
     def plan(self, epoch, worker, workers):
         order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
@@ -319,57 +385,73 @@ class ShardStream(torch.utils.data.IterableDataset):
                 buffer[i], buffer[-1] = buffer[-1], buffer[i]
                 yield buffer.pop()
 
-    def decode(self, epoch, shard, key, files):
+    def decode(self, turn, shard, key, files):
+        """(uint8 image, tokens) of a raw sample; `turn` (the epoch, or a resampled draw) seeds the crop."""
         where = f"{shard}:{key}"
         image, caption = image_and_text(files, where)
         caption = clean_caption(caption, where)
-        rng = random.Random(f"msclip-wds-aug/{self.seed}/{epoch}/{where}")
+        rng = random.Random(f"msclip-wds-aug/{self.seed}/{turn}/{where}")
         return self.transform(read_image(image, where), rng), msclip.tokenize(caption)[0]
 
     def start_of(self, worker):
-        """(epoch, group, n) to begin at. A worker without a saved position (more workers than when
-        saved, or another number of ranks) starts the oldest saved epoch."""
+        """(epoch, group, n, samples of the epoch so far) to begin at. A worker without a saved
+        position (more workers than when saved, or another number of ranks) starts the oldest saved epoch."""
         if worker in self.start or -1 in self.start:
             epoch, place = self.start.get(worker, self.start.get(-1))
         else:
             epoch, place = (min(e for e, _ in self.start.values()), 0) if self.start else (0, 0)
-        group, done = place if isinstance(place, (tuple, list)) else (0, 0)
-        return epoch, group, done
+        group, done, taken = (tuple(place) + (0,))[:3] if isinstance(place, (tuple, list)) else (0, 0, 0)
+        return epoch, group, done, taken
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = ((info.id + self.first_batch) % info.num_workers, info.num_workers) if info else (0, 1)
-        epoch, first_group, done = self.start_of(worker)
-        skipped, failures = [], 0
+        epoch, g, done, taken = self.start_of(worker)
+        resampled = self.epoch_samples is not None
+        quota = max(1, self.epoch_samples // (self.world_size * workers)) if resampled else None
+        skipped, failures, failed_shards = [], 0, set()
         while True:
-            mine = self.plan(epoch, worker, workers)
-            if not mine:
-                return
-            groups = [mine[i: i + self.interleave] for i in range(0, len(mine), self.interleave)]
-            whole_epoch, readable = first_group == 0 and done == 0, False
-            for g in range(first_group, len(groups)):
-                rng = random.Random(f"msclip-wds/{self.seed}/{epoch}/{'|'.join(groups[g])}")
-                for n, (shard, key, files) in enumerate(self.mix(groups[g], rng)):
+            if not resampled:
+                mine = self.plan(epoch, worker, workers)
+                if not mine:
+                    return
+                groups = [mine[i: i + self.interleave] for i in range(0, len(mine), self.interleave)]
+            whole_epoch, readable = g == 0 and done == 0, False
+            while taken < quota if resampled else g < len(groups):
+                if resampled:
+                    group, rng = self.draw(epoch, worker, g)
+                    turn = f"{epoch}/{self.rank}/{worker}/{g}"
+                else:
+                    group, turn = groups[g], epoch
+                    rng = random.Random(f"msclip-wds/{self.seed}/{epoch}/{'|'.join(group)}")
+                for n, (shard, key, files) in enumerate(self.mix(group, rng)):
                     if n < done:  # consumed before the checkpoint this stream resumes
                         continue
                     try:
-                        image, tokens = self.decode(epoch, shard, key, files)
+                        image, tokens = self.decode(turn, shard, key, files)
                     except SkippedSample as e:
                         skipped.append((e.reason, e.where))
                         failures += 1
+                        failed_shards.add(shard)
                         if failures >= self.patience:
                             raise RuntimeError(f"WebDataset: {failures} samples in a row unreadable (e.g. "
-                                               f"{skipped[-3:]}) in shards {', '.join(groups[g])}: check the data")
+                                               f"{skipped[-3:]}) in shards {', '.join(group)}: check the data")
+                        if resampled and len(failed_shards) == len(set(self.shards)):
+                            raise RuntimeError(f"WebDataset: every one of the {len(failed_shards)} shards gave "
+                                               f"unreadable samples and none a readable one (e.g. {skipped[-2:]})")
                         continue
-                    failures, readable = 0, True
-                    yield image, tokens, skipped, (worker, epoch, (g, n + 1))
+                    failures, readable, taken = 0, True, taken + 1
+                    failed_shards.clear()
+                    yield image, tokens, skipped, (worker, epoch, (g, n + 1, taken) if resampled else (g, n + 1)), shard
                     skipped = []
-                done = 0
-            if whole_epoch and not readable:
+                    if resampled and taken >= quota:
+                        break
+                g, done = g + 1, 0
+            if whole_epoch and not readable and not resampled:
                 raise RuntimeError(f"WebDataset: no readable sample in epoch {epoch} of rank {self.rank} worker "
                                    f"{worker} ({len(skipped)} unreadable, e.g. {skipped[:2]}); its shards: "
                                    f"{', '.join(mine[:8])}{' ...' if len(mine) > 8 else ''}")
-            epoch, first_group = epoch + 1, 0
+            epoch, g, taken = epoch + 1, 0, 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,15 +481,18 @@ def map_style_batches(make_epoch, start, rank, micro):
 
 
 def open_train_data(kind, source=None, image_size=224, seed=0, synthetic_samples=None, csv_separator="\t",
-                    csv_img_key="filepath", csv_caption_key="title", shuffle_buffer=5000, interleave=8):
+                    csv_img_key="filepath", csv_caption_key="title", shuffle_buffer=5000, interleave=8,
+                    resampled_epoch=None):
     """The training dataset of one kind: 'synthetic' (shapes.SyntheticCaptions), 'csv' (CsvCaptions, which
     raises DataError for a file without the columns) or 'webdataset' (a ShardStream of the shards
-    `source` names; train_loader places it on its rank). Map-style datasets have a len()."""
+    `source` names, resampled with epochs of `resampled_epoch` samples when given; train_loader
+    places it on its rank). Map-style datasets have a len()."""
     if kind == "synthetic":
         return shapes.SyntheticCaptions("train", synthetic_samples or shapes.DEFAULT_SAMPLES, image_size, seed)
     if kind == "csv":
         return CsvCaptions(source, image_size, seed, csv_separator, csv_img_key, csv_caption_key)
-    return ShardStream(expand_shards(source), image_size, seed, shuffle_buffer=shuffle_buffer, interleave=interleave)
+    return ShardStream(expand_shards(source), image_size, seed, shuffle_buffer=shuffle_buffer, interleave=interleave,
+                       epoch_samples=resampled_epoch)
 
 
 MAX_DEFAULT_WORKERS = 16  # beyond this a rank's loader adds memory (buffers, batches in flight) more than data
@@ -435,15 +520,16 @@ def train_loader(dataset, micro, rank, world_size, workers, seed=0, start_micro_
     Map-style data: the global micro-batches of each epoch (epoch_batches, or shapes.minimal_pair_batches
     with `groups` = (shapes, colours)), this rank's slice, from micro-batch `start_micro_batch` on.
     WebDataset: the rank's share of the shards from `stream_start` (worker -> position) with the
-    workers' turns continued from `start_micro_batch`, at most one DataLoader worker per shard of the rank."""
+    workers' turns continued from `start_micro_batch`, at most one DataLoader worker per shard of the
+    rank unless resampled."""
     if isinstance(dataset, ShardStream):
         per_rank = len(dataset.shards) // world_size
-        if workers > per_rank:
+        if workers > per_rank and dataset.epoch_samples is None:
             log(f"{len(dataset.shards)} shards over {world_size} ranks: {per_rank} DataLoader workers per rank")
             workers = max(1, per_rank)
         stream = ShardStream(dataset.shards, dataset.image_size, dataset.seed, rank, world_size,
                              stream_start, dataset.shuffle_buffer, dataset.interleave, dataset.patience,
-                             start_micro_batch)
+                             start_micro_batch, dataset.epoch_samples)
         return torch.utils.data.DataLoader(stream, batch_size=micro, num_workers=workers, collate_fn=collate,
                                            pin_memory=pin_memory, prefetch_factor=4 if workers else None,
                                            persistent_workers=False)

@@ -91,7 +91,11 @@ def build_parser():
     a("--csv_separator", default="\t", help="column separator of a --train_data CSV (OpenCLIP's default: tab)")
     a("--csv_img_key", default="filepath", help="image-path column")
     a("--csv_caption_key", default="title", help="caption column")
-    a("--train_samples", type=int, help="samples per epoch of WebDataset shards (needed with --epochs)")
+    a("--train_samples", type=int, help="samples per epoch of WebDataset shards (needed with --epochs and "
+                                        "--dataset_resampled)")
+    a("--dataset_resampled", action="store_true",
+      help="WebDataset: draw shards with replacement (seeded per epoch, rank and worker) for epochs of "
+           "--train_samples samples, instead of each shard once per epoch (OpenCLIP's --dataset-resampled)")
     a("--synthetic_samples", type=int, default=shapes.DEFAULT_SAMPLES, help="size of the built-in data")
     a("--hard_negatives", default="none", metavar="SxC",
       help="built-in data: batches made of groups of S shapes x C colours drawn with the same layout and "
@@ -184,19 +188,23 @@ def check_args(parser, args, world_size):
         parser.error(f"--train_data {args.train_data}: no such file")
     if args.data_type == "webdataset":
         shards = data.expand_shards(args.train_data)
-        missing = [s for s in shards if not os.path.isfile(s)]
+        missing = data.missing_shards(shards)
         if not shards:
             parser.error(f"--train_data {args.train_data}: the pattern matches no file")
         if missing:
             parser.error(f"--train_data {args.train_data}: {len(missing)} of {len(shards)} shards not found "
                          f"(first: {missing[0]})")
-        if len(shards) < world_size:
+        if len(shards) < world_size and not args.dataset_resampled:
             parser.error(f"{len(shards)} WebDataset shards cannot be split over {world_size} ranks without "
                          "duplication: use more shards or fewer ranks")
         if args.shuffle_buffer < 1 or args.interleave_shards < 1:
             parser.error("--shuffle_buffer and --interleave_shards must be >= 1")
         if args.steps is None and args.train_samples is None:
             parser.error("WebDataset shards have no known length: give --train_samples (samples per epoch) or --steps")
+        if args.dataset_resampled and not args.train_samples:
+            parser.error("--dataset_resampled draws shards for epochs of --train_samples samples: give --train_samples")
+    elif args.dataset_resampled:
+        parser.error("--dataset_resampled is for WebDataset shards")
 
     # Batch: micro-batch per rank x accumulation x ranks = global batch
     micro = args.batch_size
@@ -568,7 +576,8 @@ def main(argv=None):
     try:
         dataset = data.open_train_data(args.data_type, args.train_data, model_config.image_size, args.seed,
                                        args.synthetic_samples, args.csv_separator, args.csv_img_key,
-                                       args.csv_caption_key, args.shuffle_buffer, args.interleave_shards)
+                                       args.csv_caption_key, args.shuffle_buffer, args.interleave_shards,
+                                       args.train_samples if args.dataset_resampled else None)
         eval_sets = [evaluation.open_named_dataset(s, args.eval_samples, model_config.image_size) for s in specs]
     except ValueError as e:
         parser.error(str(e))

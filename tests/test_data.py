@@ -113,6 +113,20 @@ def test_map_style_batches_rank_slices_and_resume():
     assert next(data.map_style_batches(make, 25, 0, 32)) == expected and expected[0][0] == 1
 
 
+def test_missing_shards_lists_each_folder_once(tmp_path, monkeypatch):
+    """Start-up's check: one directory listing per folder, not a stat per shard; pipe: commands unchecked."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for i in range(3):
+            (tmp_path / folder / f"{i}.tar").write_bytes(b"")
+    listings, scandir = [], os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: listings.append(path) or scandir(path))
+    monkeypatch.setattr(os, "stat", None)  # any stat would fail
+    shards = data.expand_shards(f"{tmp_path}/a/{{0..3}}.tar::{tmp_path}/b/{{0..2}}.tar::pipe:false")
+    assert data.missing_shards(shards) == [f"{tmp_path}/a/3.tar"]
+    assert sorted(listings) == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
 def test_expand_shards():
     assert data.expand_shards("d/{008..011}.tar") == ["d/008.tar", "d/009.tar", "d/010.tar", "d/011.tar"]
     assert data.expand_shards("a/{x,y}-{0..1}.tar::b.tar") == ["a/x-0.tar", "a/x-1.tar", "a/y-0.tar", "a/y-1.tar",
@@ -223,21 +237,23 @@ def test_webdataset_split_over_ranks_and_workers(tmp_path):
     assert reasons.count("corrupt") == 2 and reasons.count("missing") == 1 and reasons.count("empty_caption") == 1
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_webdataset_resume_gives_the_same_stream(tmp_path, workers):
+@pytest.mark.parametrize("workers, resampled", [(0, None), (2, None), (0, 20), (2, 20)])
+def test_webdataset_resume_gives_the_same_stream(tmp_path, workers, resampled):
     """Stopped after k batches, a loader started from the saved positions (as the trainer saves them:
     the last consumed position of each worker) continues the uninterrupted stream exactly: inside a
-    group of interleaved shards, at a group boundary, across an epoch boundary."""
+    group of interleaved shards, at a group boundary, across an epoch boundary; shards read once per
+    epoch, or resampled (epochs of 20 samples)."""
     write_tagged_shards(tmp_path, shards=8, per_shard=6)
     spec = str(tmp_path / "{00000..00007}.tar")
-    stream = data.open_train_data("webdataset", spec, image_size=8, seed=5, shuffle_buffer=5, interleave=2)
+    stream = data.open_train_data("webdataset", spec, image_size=8, seed=5, shuffle_buffer=5, interleave=2,
+                                  resampled_epoch=resampled)
 
     def batches(start_batch=0, start=None, count=30):
         loader = data.train_loader(stream, 4, 0, 1, workers, start_micro_batch=start_batch, stream_start=start)
         return list(itertools.islice(loader, count))
 
     whole = batches()
-    assert {p[1] for b in whole for p in b[3]} == {0, 1, 2}  # the stream crosses epochs
+    assert {p[1] for b in whole for p in b[3]} >= {0, 1, 2}  # the stream crosses epochs
     for k in (1, 3, 6, 7, 12, 17):
         position = {}
         for _, _, _, positions in whole[:k]:
@@ -251,9 +267,10 @@ def test_webdataset_start_of_another_layout(tmp_path):
     """A worker without a saved position (more workers, or another number of ranks, than when saved)
     starts the oldest saved epoch; (epoch, 0) is the epoch's start."""
     shards = write_tagged_shards(tmp_path, shards=4, per_shard=4)
-    assert data.ShardStream(shards, start={0: (1, (2, 5))}).start_of(0) == (1, 2, 5)
-    assert data.ShardStream(shards, start={0: (2, (0, 3)), 1: (1, (1, 0))}).start_of(3) == (1, 0, 0)
-    assert data.ShardStream(shards, start={-1: (1, 0)}).start_of(1) == (1, 0, 0)
+    assert data.ShardStream(shards, start={0: (1, (2, 5))}).start_of(0) == (1, 2, 5, 0)
+    assert data.ShardStream(shards, start={0: (1, (2, 5, 9))}).start_of(0) == (1, 2, 5, 9)  # resampled
+    assert data.ShardStream(shards, start={0: (2, (0, 3)), 1: (1, (1, 0))}).start_of(3) == (1, 0, 0, 0)
+    assert data.ShardStream(shards, start={-1: (1, 0)}).start_of(1) == (1, 0, 0, 0)
     first = next(iter(data.ShardStream(shards, image_size=8, start={-1: (1, 0)})))
     assert first[3][1] == 1
 
@@ -395,3 +412,76 @@ def test_default_workers_from_the_node(monkeypatch):
                             lambda out, obj, group=None, everyone=everyone: out.__setitem__(slice(None), everyone))
         assert distributed.node_cores(group=object()) == expected, layout
     assert data.default_workers(10, 1, True)[0] == 9
+
+
+def test_webdataset_resampled_draws_shards_with_replacement(tmp_path):
+    """Resampled epochs: each worker yields epoch_samples / (ranks x workers) samples per epoch, from
+    shards drawn with replacement (a shard's samples come twice within an epoch while others do not
+    come at all: 8 shards, groups of 2, 60 samples per worker-epoch), differently per rank and epoch,
+    the same for the same seed. Fewer shards than ranks x workers is fine."""
+    write_tagged_shards(tmp_path, shards=8, per_shard=6)
+    shards = [str(tmp_path / f"{s:05d}.tar") for s in range(8)]
+
+    def epochs(rank, world=2, seed=0, count=120):
+        stream = data.ShardStream(shards, image_size=8, seed=seed, rank=rank, world_size=world, shuffle_buffer=4,
+                                  interleave=2, epoch_samples=240)
+        loader = data.train_loader(stream, 4, rank, world, 2)
+        out = {}
+        for _, tokens, _, positions in itertools.islice(loader, count // 4):
+            for t, (worker, epoch, place) in zip(tokens, positions):
+                out.setdefault((epoch, worker), []).append(caption_of(t))
+        return out
+
+    first = epochs(0)
+    assert sorted(first) == [(0, 0), (0, 1)] and all(len(v) == 60 for v in first.values())  # 240 / (2 x 2)
+    captions = first[0, 0]
+    assert len(set(captions)) < len(captions) or len({c.split()[1] for c in captions}) < 8  # drawn with replacement
+    assert epochs(0) == first and epochs(1) != first and epochs(0, seed=1) != first
+    loader = data.train_loader(data.ShardStream(shards[:1], image_size=8, interleave=2, epoch_samples=8), 4, 3, 4, 2)
+    assert next(iter(loader))[0].shape == (4, 3, 8, 8)  # 1 shard, 4 ranks x 2 workers
+
+
+def test_pipe_shards(tmp_path):
+    """'pipe:cat FILE' gives the file's samples (read_tar: in the same order); a command that fails ('false', or a
+    tar cut short by a non-zero exit) is an unreadable shard, skipped and counted as corrupt, and
+    when no shard is readable the stream stops with the error naming them; a stream dropped midway
+    kills its command."""
+    shards = write_tagged_shards(tmp_path, shards=4, per_shard=5)
+    piped = [f"pipe:cat {s}" for s in shards]
+    assert data.expand_shards(f"pipe:cat {tmp_path}/{{00000..00003}}.tar") == piped
+    assert [k for k, _ in data.read_tar(piped[2])] == [k for k, _ in data.read_tar(shards[2])]
+
+    def captions(names, count=20, **options):
+        stream = data.ShardStream(names, image_size=8, shuffle_buffer=3, interleave=2, **options)
+        items = list(itertools.islice(stream, count))
+        return [caption_of(item[1]) for item in items], [s for item in items for s in item[2]]
+
+    assert sorted(captions(piped)[0]) == sorted(captions(shards)[0])  # the order follows the names: not compared
+    good, skipped = captions(piped[:3] + ["pipe:false", f"pipe:cat {shards[3]}; exit 3"], count=30)
+    # epoch 0: all but the sample being read when the command failed (it may lack members)
+    assert sorted(good[:19]) == sorted(f"shard {s} sample {j}" for s in range(4) for j in range(5) if (s, j) != (3, 4))
+    assert {where for _, where in skipped} == {"pipe:cat %s; exit 3:(unreadable)" % shards[3], "pipe:false:(unreadable)"}
+    assert {reason for reason, _ in skipped} == {"corrupt"}
+    with pytest.raises(RuntimeError, match="no readable sample.*pipe:false"):
+        captions(["pipe:false", "pipe:exit 2"])
+    with pytest.raises(RuntimeError, match="every one of the 2 shards"):
+        captions(["pipe:false", "pipe:exit 2"], epoch_samples=10)
+    errors = [files["error"] for _, files in data.read_tar("pipe:false")]
+    assert errors == ["pipe:false: exit status 1, ReadError: empty file"]
+    reader = data.read_tar(f"pipe:cat {shards[0]}; sleep 31.7")
+    next(reader)
+    reader.close()
+    for _ in range(50):  # the kill is synchronous; /proc may list the reaped process a moment longer
+        running = [p for p in os.listdir("/proc") if p.isdigit() and "31.7" in _cmdline(p)]
+        if not running:
+            break
+        __import__("time").sleep(0.1)
+    assert not running
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

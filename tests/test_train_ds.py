@@ -234,6 +234,8 @@ def test_import_does_not_load_deepspeed():
     (["--train_data", "/nonexistent/train.csv"], "no such file"),
     (["--train_data", "/nonexistent/{00000..00003}.tar"], "shards not found"),
     (["--train_data", "/nonexistent/*.tar"], "matches no file"),
+    (["--train_data", "pipe:cat /nonexistent/{0..3}.tar", "--dataset_resampled", "--steps", "5"], "--train_samples"),
+    (["--dataset_resampled"], "for WebDataset"),
     (["--precision", "fp16"], "fp16"),
     (["--batch_size", "16", "--hard_negatives", "3x2"], "hard_negatives"),
     (["--batch_size", "12", "--hard_negatives", "4x2"], "hard_negatives"),
