@@ -115,12 +115,62 @@ def normalize_images(images, device="cpu", dtype=torch.float32):
 
 def collate(samples):
     """Stack images, stack token ids and trim them to the batch's longest caption (on the host),
-    and gather the skipped-sample reports and stream positions."""
+    and gather the skipped-sample reports, stream positions and sources (a sample's shard; None:
+    the dataset's only source)."""
     images = torch.stack([s[0] for s in samples])
     tokens = msclip.trim_padding(torch.stack([s[1] for s in samples]))
     skipped = [item for s in samples if len(s) > 2 for item in s[2]]
     positions = [s[3] for s in samples if len(s) > 3]
-    return images, tokens, skipped, positions
+    return images, tokens, skipped, positions, [s[4] if len(s) > 4 else None for s in samples]
+
+
+class Manifest:
+    """What a run trained on, so that two runs can be compared on the data they actually saw (under
+    link rot "the same" shards differ): the samples taken from each source (a shard, the CSV file,
+    the built-in data) and the samples skipped, by reason, with how often. A rank's TrainLoader adds
+    the batches its training loop takes (not what the workers prefetched); a checkpoint sums every
+    rank's additions since the last one into the run's record (merge), saved as data_manifest.json."""
+
+    def __init__(self):
+        self.sources, self.skipped = {}, {}
+
+    def add(self, sources, skipped):
+        for source in sources:
+            self.sources[source] = self.sources.get(source, 0) + 1
+        for reason, where in skipped:
+            seen = self.skipped.setdefault(reason, {})
+            seen[where] = seen.get(where, 0) + 1
+
+    def take(self):
+        """The additions since the last take, as a record for merge."""
+        record = {"samples": sum(self.sources.values()), "sources": self.sources, "skipped": self.skipped}
+        self.sources, self.skipped = {}, {}
+        return record
+
+    @staticmethod
+    def merge(*records):
+        """One record of several: samples per source and skips per reason and sample added up."""
+        total = {"samples": 0, "sources": {}, "skipped": {}}
+        for record in records:
+            total["samples"] += record.get("samples", 0)
+            for source, n in record.get("sources", {}).items():
+                total["sources"][source] = total["sources"].get(source, 0) + n
+            for reason, seen in record.get("skipped", {}).items():
+                mine = total["skipped"].setdefault(reason, {})
+                for where, n in seen.items():
+                    mine[where] = mine.get(where, 0) + n
+        return total
+
+
+class TrainLoader(torch.utils.data.DataLoader):
+    """The training DataLoader (train_loader): batches (images, tokens, skipped, positions), each
+    added to `manifest` as the training loop takes it; samples without a source of their own count
+    under `source`."""
+
+    def __iter__(self):
+        for images, tokens, skipped, positions, sources in super().__iter__():
+            self.manifest.add([self.source if s is None else s for s in sources], skipped)
+            yield images, tokens, skipped, positions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,6 +237,7 @@ class CsvCaptions(torch.utils.data.Dataset):
         rows = read_csv(path, separator, img_key, caption_key)
         if not rows:
             raise DataError(f"{path}: no rows")
+        self.path = str(path)
         self.paths = [image for _, image, _, _ in rows]
         self.captions = [caption for _, _, caption, _ in rows]
         self.seed = seed
@@ -515,7 +566,8 @@ def default_workers(cores, sharing, accelerator):
 
 def train_loader(dataset, micro, rank, world_size, workers, seed=0, start_micro_batch=0, stream_start=None,
                  groups=None, pin_memory=False, log=print):
-    """This rank's DataLoader of uint8 batches (images, tokens, skipped, stream positions), endless.
+    """This rank's TrainLoader of uint8 batches (images, tokens, skipped, stream positions), endless,
+    recording what the training loop takes in its `manifest`.
 
     Map-style data: the global micro-batches of each epoch (epoch_batches, or shapes.minimal_pair_batches
     with `groups` = (shapes, colours)), this rank's slice, from micro-batch `start_micro_batch` on.
@@ -530,17 +582,19 @@ def train_loader(dataset, micro, rank, world_size, workers, seed=0, start_micro_
         stream = ShardStream(dataset.shards, dataset.image_size, dataset.seed, rank, world_size,
                              stream_start, dataset.shuffle_buffer, dataset.interleave, dataset.patience,
                              start_micro_batch, dataset.epoch_samples)
-        return torch.utils.data.DataLoader(stream, batch_size=micro, num_workers=workers, collate_fn=collate,
-                                           pin_memory=pin_memory, prefetch_factor=4 if workers else None,
-                                           persistent_workers=False)
-    global_micro = micro * world_size
-    if groups:
-        make_epoch = lambda e: shapes.minimal_pair_batches(len(dataset), global_micro, seed, e, *groups)  # noqa: E731
+        loader = TrainLoader(stream, batch_size=micro, num_workers=workers, collate_fn=collate,
+                             pin_memory=pin_memory, prefetch_factor=4 if workers else None, persistent_workers=False)
     else:
-        make_epoch = lambda e: epoch_batches(len(dataset), global_micro, seed, e)  # noqa: E731
-    batches = map_style_batches(make_epoch, start_micro_batch, rank, micro)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                                       pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+        global_micro = micro * world_size
+        if groups:
+            make_epoch = lambda e: shapes.minimal_pair_batches(len(dataset), global_micro, seed, e, *groups)  # noqa: E731
+        else:
+            make_epoch = lambda e: epoch_batches(len(dataset), global_micro, seed, e)  # noqa: E731
+        batches = map_style_batches(make_epoch, start_micro_batch, rank, micro)
+        loader = TrainLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate,
+                             pin_memory=pin_memory, prefetch_factor=4 if workers else None)
+    loader.manifest, loader.source = Manifest(), getattr(dataset, "path", "built-in data")
+    return loader
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation datasets (eval.py): the layouts on disk and the held-out shapes

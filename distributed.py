@@ -309,11 +309,11 @@ def own_files(folder, rank):
     return [os.path.join(folder, n) for n, m in ranks.items() if (int(m.group(1)) if m else 0) == rank]
 
 
-def save(engine, out_dir, step, client_state, trainer_state, keep, group):
+def save(engine, out_dir, step, client_state, trainer_state, keep, group, files=None):
     """DeepSpeed checkpoint into checkpoints/step_N, made durable before it counts: rank 0 empties the
     tag folder (an older run's files of this step, e.g. from another world size, would otherwise
-    stay), every rank writes and fsyncs its own files, then rank 0 writes trainer_state.json (the
-    completion marker) and points `latest` at it, and prunes older checkpoints marker first. A crash
+    stay), every rank writes and fsyncs its own files, then rank 0 writes `files` ({name: text}),
+    trainer_state.json (the completion marker) and points `latest` at it, and prunes older checkpoints marker first. A crash
     or a failed write at any point leaves the previous complete checkpoint the resume point; a
     failed write stops every rank with a message that says why (full disk, read-only, ...)."""
     import torch.distributed as dist
@@ -343,6 +343,8 @@ def save(engine, out_dir, step, client_state, trainer_state, keep, group):
         problem = agree(error, group)
     if problem is None and rank == 0:
         try:
+            for name, text in (files or {}).items():
+                write_atomic(os.path.join(folder, name), text)
             write_atomic(os.path.join(folder, MARKER), json.dumps(trainer_state, indent=1))
             write_atomic(os.path.join(root, "latest"), tag)
         except OSError as e:

@@ -385,8 +385,10 @@ def resume(engine, source, args, world_size, log):
     """The run's progress: from the checkpoint `source` = (folder, tag) names, or a fresh start when the
     tag is None. Progress is what a checkpoint saves besides DeepSpeed's state: the step, the
     micro-batches consumed (map-style data), each DataLoader worker's WebDataset stream position, the
-    skipped-sample counts; each rank's random state is restored too."""
-    progress = {"step": 0, "micro_batches": 0, "stream": {}, "skipped": {}, "examples": {}, "saved_step": None}
+    skipped-sample counts, the data manifest (data.Manifest: what the run trained on); each rank's
+    random state is restored too."""
+    progress = {"step": 0, "micro_batches": 0, "stream": {}, "skipped": {}, "examples": {}, "saved_step": None,
+                "data_manifest": data.Manifest.merge()}
     if not source[1]:
         if args.resume:
             log(f"--resume: no checkpoint in {source[0]}, starting from scratch")
@@ -396,7 +398,7 @@ def resume(engine, source, args, world_size, log):
     if source[1] == "universal":
         distributed.repair_universal_load(engine.optimizer, settings, engine.lr_scheduler.get_last_lr())
     progress.update(step=client["step"], micro_batches=client["micro_batches"], skipped=dict(client["skipped"]),
-                    saved_step=client["step"])
+                    saved_step=client["step"], data_manifest=client.get("data_manifest", data.Manifest.merge()))
     global_micro = args.batch_size * world_size
     if client["world_size"] == world_size:
         set_rng_state(client["rng"][torch.distributed.get_rank()])
@@ -415,18 +417,23 @@ def resume(engine, source, args, world_size, log):
 
 def save_checkpoint(engine, args, progress, model_config, control):
     """DeepSpeed's checkpoint with every rank's random state and stream position in its client state,
-    and trainer_state.json saying what the run was (for --resume's checks and --export)."""
+    the run's data manifest (every rank's batches since the last checkpoint added) there and in
+    data_manifest.json, and trainer_state.json saying what the run was (for --resume's checks and --export)."""
     world_size = torch.distributed.get_world_size()
     everyone = [None] * world_size
-    torch.distributed.all_gather_object(everyone, {"rng": rng_state(), "stream": progress["stream"]})
+    torch.distributed.all_gather_object(everyone, {"rng": rng_state(), "stream": progress["stream"],
+                                                   "manifest": progress["manifest"].take()})
+    progress["data_manifest"] = data.Manifest.merge(progress["data_manifest"], *[e["manifest"] for e in everyone])
     step = progress["step"]
     client = {"step": step, "micro_batches": progress["micro_batches"], "world_size": world_size,
               "global_micro_batch": args.batch_size * world_size, "skipped": progress["skipped"],
-              "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone]}
+              "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone],
+              "data_manifest": progress["data_manifest"]}
     trainer_state = {"msclip_config": json.loads(json.dumps(vars(model_config))), "step": step,
                      "zero_stage": args.zero_stage, "precision": args.precision, "world_size": world_size,
                      "global_batch": args.global_batch_size, "args": vars(args)}
-    distributed.save(engine, args.out_dir, step, client, trainer_state, args.keep, control)
+    distributed.save(engine, args.out_dir, step, client, trainer_state, args.keep, control,
+                     {"data_manifest.json": json.dumps(progress["data_manifest"], indent=1)})
     progress["saved_step"] = step
 
 
@@ -632,6 +639,7 @@ def main(argv=None):
                                progress["micro_batches"], dict(progress["stream"]), hard_negative_groups(args),
                                pin_memory=engine.device.type == "cuda", log=log)
     loader.worker_init_fn = distributed.ignoring_stop_signals(loader.worker_init_fn)
+    progress["manifest"] = loader.manifest  # this rank's batches since the last checkpoint
     metrics = None
     if rank == 0:
         distributed.trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), progress["step"])
