@@ -80,8 +80,9 @@ def test_heldout_evaluation_set_is_fixed():
 
 def test_epoch_batches():
     batches = data.epoch_batches(640, 32, 0, 0)
-    assert len(batches) == 20 and sorted(i for b in batches for i in b) == list(range(640))
-    assert batches == data.epoch_batches(640, 32, 0, 0) and batches != data.epoch_batches(640, 32, 0, 1)
+    assert len(batches) == 20 and sorted(batches.flatten().tolist()) == list(range(640))
+    assert (batches == data.epoch_batches(640, 32, 0, 0)).all() and (batches != data.epoch_batches(640, 32, 0, 1)).any()
+    assert data.epoch_batches(650, 32, 0, 0).shape == (20, 32)  # the last partial batch dropped
 
 
 def test_minimal_pair_batches():
@@ -107,7 +108,7 @@ def test_map_style_batches_rank_slices_and_resume():
     make = lambda e: data.epoch_batches(640, 32, 0, e)  # noqa: E731
     batches = make(0)
     slices = [next(data.map_style_batches(make, 0, r, 16)) for r in range(2)]
-    assert [i for _, i in slices[0] + slices[1]] == batches[0]  # rank slices: disjoint, complete, in rank order
+    assert [i for _, i in slices[0] + slices[1]] == batches[0].tolist()  # rank slices: disjoint, complete, in order
     stream = data.map_style_batches(make, 0, 0, 32)
     expected = [next(stream) for _ in range(26)][-1]  # micro-batch 25 = epoch 1, batch 5
     assert next(data.map_style_batches(make, 25, 0, 32)) == expected and expected[0][0] == 1
@@ -165,12 +166,38 @@ def test_one_csv_reader_for_training_and_evaluation(tmp_path):
         assert [(r["path"], r["captions"]) for r in evaluation.splits["test"]] == [(p, [c]) for p, c in expected]
         if header:
             training = data.CsvCaptions(str(tmp_path / name), 8, 0, separator, *header)
-            assert list(zip(training.paths, training.captions)) == expected
+            assert [(os.path.join(training.root, p), c) for p, c in zip(training.paths, training.captions)] == expected
     with pytest.raises(data.DataError, match="no column 'title'"):
         data.read_csv(tmp_path / "comma.csv", ",", "image", "title")
     (tmp_path / "short.csv").write_text("filepath,label\na.png,0\nb.png\n")
-    with pytest.raises(data.DataError, match="line 3"):
-        data.read_csv(tmp_path / "short.csv")
+    with pytest.raises(data.DataError, match="line 3"):  # rows are streamed: found when read
+        list(data.read_csv(tmp_path / "short.csv"))
+
+
+def test_csv_rows_packed_in_about_the_file_size(tmp_path):
+    """CsvCaptions holds paths and captions as bytes + offsets (PackedStrings), not Python objects per
+    row: what stays allocated after reading a 30,000-row TSV is within 1.25x the file's size (1.14x
+    measured, 4-byte offsets of 68-byte rows included; Python lists of str took 2.9x), and rows read
+    back as Python's csv module reads them."""
+    import csv
+    import tracemalloc
+    rng = random.Random(0)
+    words = "a photo of the red blue dog cat on beach at night with small large tree".split()
+    rows = [[f"images/{i // 1000:05d}/{i:09d}.jpg", " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))]
+            for i in range(30000)]
+    rows[7][1] = "quoted, with a\ttab and a \"quote\""
+    path = tmp_path / "cc.tsv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter="\t").writerows([["filepath", "title"]] + rows)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    table = data.CsvCaptions(str(path))
+    kept = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert kept < 1.25 * path.stat().st_size, (kept, path.stat().st_size)
+    assert table.paths.bytes.dtype == np.uint8 and table.paths.ends.dtype == np.uint32 and len(table) == 30000
+    for i in (0, 7, 12345, 29999):
+        assert (os.path.join(table.root, table.paths[i]), table.captions[i]) == (str(tmp_path / rows[i][0]), rows[i][1])
 
 
 # ----------------------------------------------------------------------------------------------
