@@ -3,6 +3,7 @@ eval.py: CSV rows (one reader for training and evaluation), the WebDataset train
 (cross-shard shuffling, exactly-once epochs over ranks and workers, exact resume, bad shards),
 uint8 transport against msclip.ImageTransform's float path, high-bit-depth images, and the
 tokenizer's bounded caches. In-process, no DeepSpeed."""
+import io
 import itertools
 import os
 import pickle
@@ -361,6 +362,55 @@ def test_uint8_transport_equals_the_float_transform(train):
     assert uint8.dtype == torch.uint8 and uint8.element_size() * 4 == floats.element_size()
     assert torch.equal(data.normalize_images(uint8), floats)
     assert torch.equal(data.normalize_images(uint8, dtype=torch.bfloat16), floats.to(torch.bfloat16))
+
+
+def natural_photo(rng, width, height):
+    """Colour noise with a 1/f amplitude spectrum, the spectrum of natural photographs (JPEG's DCT
+    scaling drops the high frequencies, which such images hold in natural proportion)."""
+    fx, fy = np.fft.fftfreq(width)[None, :], np.fft.fftfreq(height)[:, None]
+    falloff = np.hypot(fx, fy)
+    falloff[0, 0] = 1
+    channels = [np.real(np.fft.ifft2((rng.normal(size=(height, width)) + 1j * rng.normal(size=(height, width))) / falloff))
+                for _ in range(3)]
+    pixels = np.stack([(c - c.mean()) / c.std() for c in channels], -1) * 40 + 128
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / mse) if mse else np.inf
+
+
+def test_draft_decoded_training_crops(monkeypatch):
+    """Training crops of JPEGs decode at a reduced DCT scale when the crop allows (1024 x 768 -> 1/2
+    for a 224 px crop of >= 90% of the area): the same crop box (the same random draws), within
+    40 dB PSNR of the full decode. Why 40 dB: a quality-90 JPEG of these images is itself 39.4 dB
+    from its original at 224 px (measured), so the draft adds less error than the encoding the data
+    came in. Where no reduced scale keeps 224 px (256 x 256), PNGs, and evaluation (the official
+    transform): bit for bit the full decode."""
+    from PIL import JpegImagePlugin
+    drafts, draft = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: drafts.append(size) or draft(self, mode, size))
+    rng = np.random.default_rng(3)
+    train, evaluation = data.PixelTransform(224, train=True), data.PixelTransform(224)
+    for width, height, fmt, mode in ((1024, 768, "JPEG", "RGB"), (1024, 768, "JPEG", "L"), (256, 256, "JPEG", "RGB"),
+                                     (1024, 768, "PNG", "RGB")):
+        for i in range(4):
+            encoded = encoded_image(natural_photo(rng, width, height).convert(mode), fmt,
+                                    **({"quality": 90} if fmt == "JPEG" else {}))
+            drafts.clear()
+            draws, reference = random.Random(i), random.Random(i)
+            fast = train.read(encoded, "x", draws).numpy()
+            full = train(data.read_image(encoded, "x"), reference).numpy()
+            assert draws.random() == reference.random()  # the crop box drawn as always
+            if (width, fmt) == (1024, "JPEG"):
+                assert drafts == [(512, 384)] and psnr(fast, full) >= 40, (mode, psnr(fast, full))
+            else:
+                assert drafts == [] and np.array_equal(fast, full), (width, fmt)
+            drafts.clear()
+            official = msclip.ImageTransform(224).pixels(Image.open(io.BytesIO(encoded))).transpose(2, 0, 1)
+            assert np.array_equal(evaluation.read(encoded, "x").numpy(), official) and drafts == []
 
 
 def test_training_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
