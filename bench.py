@@ -9,6 +9,7 @@ How fast msclip trains, and what it costs in memory. A script, like nanoGPT's be
     python bench.py --mode data --preset msclip-s-b32 --batch-size 16   # data pipeline: samples per core on
                                         # three kinds of JPEG shards vs PIL's decode (and OpenCLIP), cores per
                                         # GPU; train_ds.py end to end vs the bare step, its data wait
+    python bench.py --mode csv --csv-rows 12000000                   # a CC12M-size CSV: start-up, RSS per rank
     python bench.py --device cuda --precision bf16 --preset msclip-s-b16 --batch-size max
 
 A training step is forward (both towers) + contrastive loss + backward + AdamW step, on one fixed
@@ -681,6 +682,73 @@ def end_to_end(args, device, spec, config):
             "workers": args.data_workers}
 
 
+# One rank reading a CSV (argv: the file, this repository): start-up seconds, peak and retained RSS
+# above the process before; then a forked child reads 200,000 random rows as a DataLoader worker
+# does, and reports the memory it had to copy (Private_Dirty: pages the rank's objects shared until touched).
+CSV_RANK = r"""
+import json, os, random, resource, sys, time
+sys.path.insert(0, sys.argv[2])
+import data
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def private():
+    with open("/proc/self/smaps_rollup") as f:
+        return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Private_Dirty"))
+
+base = rss()
+start = time.perf_counter()
+table = data.CsvCaptions(sys.argv[1])
+seconds = time.perf_counter() - start
+out = {"rows": len(table), "seconds": seconds, "retained": rss() - base,
+       "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}
+reader, writer = os.pipe()
+if os.fork() == 0:
+    before, rows = private(), random.Random(0)
+    for _ in range(200000):
+        i = rows.randrange(len(table))
+        table.paths[i], table.captions[i]
+    os.write(writer, str(private() - before).encode())
+    os._exit(0)
+os.close(writer)
+out["worker_copied"] = int(os.read(reader, 64))
+os.wait()
+print(json.dumps(out))
+"""
+
+
+def write_csv(path, rows, seed=0):
+    """A CC12M-like TSV: img2dataset-style relative paths and captions of 6-30 words (mean ~105 characters)."""
+    import random
+    rng = random.Random(seed)
+    words = " ".join(CAPTIONS).split()
+    captions = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 30))) for _ in range(4096)]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("filepath\ttitle\n")
+        for start in range(0, rows, 65536):
+            f.write("".join(f"images/{i // 10000:05d}/{i:09d}.jpg\t{captions[(i * 7919) % 4096]}\n"
+                            for i in range(start, min(rows, start + 65536))))
+
+
+def bench_csv(args):
+    """data.CsvCaptions on a generated --csv-rows-row TSV, in a fresh process as a rank: start-up time,
+    peak and retained RSS against the file's size, and what a forked DataLoader worker copies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.tsv"
+        write_csv(path, args.csv_rows)
+        size = path.stat().st_size
+        proc = subprocess.run([sys.executable, "-c", CSV_RANK, str(path), str(Path(__file__).parent)],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode:
+            raise SystemExit(f"reading the CSV failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.splitlines()[-1])
+    print(f"{r['rows']:,} rows, {size / 2 ** 30:.2f} GiB file: start-up {r['seconds']:.1f} s; RSS above the process "
+          f"before: peak {gib(r['peak'])} ({r['peak'] / size:.2f}x the file), retained {gib(r['retained'])} "
+          f"({r['retained'] / size:.2f}x); a forked worker reading 200,000 random rows copied {r['worker_copied'] / 2 ** 20:.1f} MiB")
+    return {"mode": "csv", "file_bytes": size, **r}
+
+
 def zero_model_state_bytes(params, stage, world):
     """fp32 AdamW model states per rank (ZeRO paper): weights 4, gradients 4, two moments 8 bytes
     per parameter; stage 1 partitions the moments, 2 also the gradients, 3 also the weights."""
@@ -770,7 +838,8 @@ def zero_worker(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="train", choices=["train", "textlen", "tokenizer", "zero", "zero-worker", "data"])
+    p.add_argument("--mode", default="train", choices=["train", "textlen", "tokenizer", "zero", "zero-worker", "data",
+                                                         "csv"])
     p.add_argument("--preset", default="msclip-s-b32", choices=list(msclip.PRESETS))
     p.add_argument("--compare", action="store_true", help="time clip-b32 and msclip-s-b32 and print their ratio")
     p.add_argument("--presets", nargs=2, default=["clip-b32", "msclip-s-b32"], help="what --compare compares")
@@ -796,6 +865,7 @@ def parse_args(argv=None):
                                                           "an H200 at 40%% MFU on this preset)")
     p.add_argument("--openclip-python", help="data mode: a Python with open_clip_torch and webdataset installed, to "
                                              "time OpenCLIP's pipeline on the same shards")
+    p.add_argument("--csv-rows", type=int, default=12_000_000, help="csv mode: rows of the generated TSV (CC12M: 12M)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -829,6 +899,8 @@ def main(argv=None):
         result = bench_textlen(args, device)
     elif args.mode == "data":
         result = bench_data(args, device)
+    elif args.mode == "csv":
+        result = bench_csv(args)
     else:
         result = (bench_compare if args.compare else bench_train)(args, device, matmul_rate(args, device))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

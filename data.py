@@ -263,19 +263,24 @@ def read_csv(path, separator=None, img_key=None, caption_key=None):
 class PackedStrings:
     """Strings in one numpy byte array with end offsets. A Python list of 12M str costs ~60 bytes of
     objects per string beyond its text, and DataLoader workers forked from the rank copy the pages
-    those objects live on as they touch their reference counts; numpy buffers stay shared."""
+    those objects live on as they touch their reference counts; numpy buffers stay shared.
+    extend() appends to a bytearray (large reallocations remap pages rather than copy them: the peak
+    is the text once, not twice), close() makes the arrays."""
 
-    def __init__(self, parts):
-        """`parts`: PackedStrings.part of each list of strings, in order."""
-        blobs, lengths = zip(*parts) if parts else ((), ())
-        self.bytes = np.frombuffer(b"".join(blobs), np.uint8)
-        ends = np.cumsum(np.concatenate(lengths)) if lengths else np.zeros(0, np.int64)
-        self.ends = ends.astype(np.uint32) if not len(ends) or ends[-1] < 2 ** 32 else ends  # half the memory
+    def __init__(self):
+        self.text, self.parts = bytearray(), []
 
-    @staticmethod
-    def part(strings):
+    def extend(self, strings):
         encoded = list(map(str.encode, strings))
-        return b"".join(encoded), np.fromiter(map(len, encoded), np.int64, len(encoded))
+        self.parts.append(len(self.text) + np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded))))
+        self.text += b"".join(encoded)
+
+    def close(self):
+        self.bytes = np.frombuffer(self.text, np.uint8)
+        ends = np.concatenate(self.parts) if self.parts else np.zeros(0, np.int64)
+        self.ends = ends.astype(np.uint32) if len(self.text) < 2 ** 32 else ends  # half the memory when it fits
+        del self.parts
+        return self
 
     def __len__(self):
         return len(self.ends)
@@ -298,14 +303,14 @@ class CsvCaptions(torch.utils.data.Dataset):
     def __init__(self, path, image_size=224, seed=0, separator="\t", img_key="filepath", caption_key="title"):
         self.path, self.root = str(path), os.path.dirname(os.path.abspath(path)) + os.sep
         rows = read_csv(path, separator, img_key, caption_key)
-        paths, captions = [], []
+        self.paths, self.captions = PackedStrings(), PackedStrings()
         while chunk := list(itertools.islice(rows, 1 << 16)):
-            paths.append(PackedStrings.part([image[len(self.root):] if image.startswith(self.root) else image
-                                             for _, image, _, _ in chunk]))
-            captions.append(PackedStrings.part([caption for _, _, caption, _ in chunk]))
-        if not paths:
+            self.paths.extend([image[len(self.root):] if image.startswith(self.root) else image
+                               for _, image, _, _ in chunk])
+            self.captions.extend([caption for _, _, caption, _ in chunk])
+        self.paths.close(), self.captions.close()
+        if not len(self.paths):
             raise DataError(f"{path}: no rows")
-        self.paths, self.captions = PackedStrings(paths), PackedStrings(captions)
         self.seed = seed
         self.transform = PixelTransform(image_size, train=True)
 
