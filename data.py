@@ -1,15 +1,18 @@
 """The image-text pipeline of train_ds.py and eval.py: every source, one reader per format.
 
-Training (train_loader() is the entry; items are uint8 images, token ids, skipped-sample reports):
+Training (train_loader() is the entry, a TrainLoader that records what the training loop takes in
+a Manifest; items are uint8 images, token ids, skipped-sample reports):
   shapes.SyntheticCaptions  the built-in procedural shapes data (shapes.py)
-  CsvCaptions               CSV/TSV rows of image path + caption
-  ShardStream               img2dataset WebDataset shards: shard order shuffled per epoch, shards
-                            interleaved and samples shuffled in a buffer across shard boundaries
+  CsvCaptions               CSV/TSV rows of image path + caption, packed in numpy bytes
+  ShardStream               img2dataset WebDataset shards (files or pipe: commands): shard order
+                            shuffled per epoch or shards resampled, shards interleaved and samples
+                            shuffled in a buffer across shard boundaries
 Evaluation (open_dataset() is the entry; an EvalDataset's splits yield (image, meta)):
   open_folder, open_csv, open_wds, open_synthetic
                             class folders, CSV/TSV files, CLIP_benchmark shards, the held-out shapes
 One CSV reader (read_csv), one tar reader (read_tar) with one sample decoder (image_and_text), one
-image decoder (read_image: skip-and-count, high bit depths scaled to 8 bits) serve them all.
+image decoder (read_image: skip-and-count, high bit depths scaled to 8 bits; PixelTransform.read
+decodes training JPEGs at a reduced scale where the crop allows) serve them all.
 Training images travel from the DataLoader workers as uint8; normalize_images() makes the model
 input on the device, equal bit for bit to msclip.ImageTransform's float path.
 """
@@ -415,7 +418,7 @@ def read_tar(path):
         why = f"{type(e).__name__}: {e}"
         if process is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(5)  # a command whose output broke off has usually ended: its status says why
+                process.wait(1)  # a command whose output broke off has usually ended: its status says why
             status = "still running" if process.returncode is None else f"exit status {process.returncode}"
             why = f"{path}: {status}, {why}"
         yield "(unreadable)", {"error": why}
@@ -462,8 +465,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     continues the turns where they were. Unreadable samples are skipped and reported with the next
     good sample; `patience` unreadable samples in a row, or a whole epoch of a worker without one
     readable sample, stop the stream with an error naming the shards. Each item: (uint8 image,
-    tokens, skipped, (worker, epoch, (group, n))), the position at which a resumed stream continues
-    once this sample is consumed.
+    tokens, skipped, (worker, epoch, (group, n)), shard): the position is where a resumed stream
+    continues once this sample is consumed, the shard its source (data.Manifest).
     `start` maps worker -> such a position (worker -1: every worker; (epoch, 0): the epoch's start).
 
     Resampled (`epoch_samples` given; OpenCLIP's --dataset-resampled): each group is `interleave`
