@@ -115,6 +115,23 @@ def init_distributed(timeout_minutes):
     return deepspeed
 
 
+def node_cores(group=None):
+    """(CPU cores this rank may run on, ranks of its node that run on them too). The cores are the
+    rank's affinity (what a cpuset, taskset or the launcher's binding leaves it, not os.cpu_count()).
+    With `group` (the process group exists), the sharing ranks are those on the same host whose
+    affinity overlaps this rank's: srun --cpus-per-task and mpirun --bind-to pin each rank to its
+    own cores (nothing shared), deepspeed and torchrun leave every rank all the node's cores. Without
+    it, every rank of the node (LOCAL_WORLD_SIZE) is taken to share them."""
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    if group is None:
+        return len(mine), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    import torch.distributed as dist
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (socket.gethostname(), sorted(mine)), group=group)
+    host = socket.gethostname()
+    return len(mine), sum(1 for h, cores in everyone if h == host and mine.intersection(cores))
+
+
 def agree(error, group):
     """Every rank's error (a string or None) -> one message naming the failing ranks, or None."""
     import torch.distributed as dist
@@ -292,11 +309,11 @@ def own_files(folder, rank):
     return [os.path.join(folder, n) for n, m in ranks.items() if (int(m.group(1)) if m else 0) == rank]
 
 
-def save(engine, out_dir, step, client_state, trainer_state, keep, group):
+def save(engine, out_dir, step, client_state, trainer_state, keep, group, files=None):
     """DeepSpeed checkpoint into checkpoints/step_N, made durable before it counts: rank 0 empties the
     tag folder (an older run's files of this step, e.g. from another world size, would otherwise
-    stay), every rank writes and fsyncs its own files, then rank 0 writes trainer_state.json (the
-    completion marker) and points `latest` at it, and prunes older checkpoints marker first. A crash
+    stay), every rank writes and fsyncs its own files, then rank 0 writes `files` ({name: text}),
+    trainer_state.json (the completion marker) and points `latest` at it, and prunes older checkpoints marker first. A crash
     or a failed write at any point leaves the previous complete checkpoint the resume point; a
     failed write stops every rank with a message that says why (full disk, read-only, ...)."""
     import torch.distributed as dist
@@ -326,6 +343,8 @@ def save(engine, out_dir, step, client_state, trainer_state, keep, group):
         problem = agree(error, group)
     if problem is None and rank == 0:
         try:
+            for name, text in (files or {}).items():
+                write_atomic(os.path.join(folder, name), text)
             write_atomic(os.path.join(folder, MARKER), json.dumps(trainer_state, indent=1))
             write_atomic(os.path.join(root, "latest"), tag)
         except OSError as e:

@@ -718,12 +718,14 @@ class ImageTransform:
         array = (self.pixels(image, rng).astype(np.float32) - self.mean) * self.inv_std
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
-    def pixels(self, image, rng=None):
+    def pixels(self, image, rng=None, box=None):
         """The cropped and resized 8-bit image, uint8 [size, size, 3], before normalisation (data
-        loaders ship this: a quarter of fp32's bytes)."""
-        image = image.convert("RGB")
+        loaders ship this: a quarter of fp32's bytes). Train: `box` is the random crop when drawn
+        already (data.py draws it on a JPEG's full size before decoding it at a reduced scale)."""
+        if image.mode != "RGB":  # convert() copies even an RGB image
+            image = image.convert("RGB")
         if self.train:
-            box = self._random_crop_box(image.size, rng or random.Random())
+            box = box or self._random_crop_box(image.size, rng or random.Random())
             image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
         else:
             image = self._center_crop(self._resize_shorter(image))

@@ -91,12 +91,17 @@ def build_parser():
     a("--csv_separator", default="\t", help="column separator of a --train_data CSV (OpenCLIP's default: tab)")
     a("--csv_img_key", default="filepath", help="image-path column")
     a("--csv_caption_key", default="title", help="caption column")
-    a("--train_samples", type=int, help="samples per epoch of WebDataset shards (needed with --epochs)")
+    a("--train_samples", type=int, help="samples per epoch of WebDataset shards (needed with --epochs and "
+                                        "--dataset_resampled)")
+    a("--dataset_resampled", action="store_true",
+      help="WebDataset: draw shards with replacement (seeded per epoch, rank and worker) for epochs of "
+           "--train_samples samples, instead of each shard once per epoch (OpenCLIP's --dataset-resampled)")
     a("--synthetic_samples", type=int, default=shapes.DEFAULT_SAMPLES, help="size of the built-in data")
     a("--hard_negatives", default="none", metavar="SxC",
       help="built-in data: batches made of groups of S shapes x C colours drawn with the same layout and "
            "wording, so that pairs differ only in shape or colour ('none': uniformly random batches)")
-    a("--workers", type=int, help="DataLoader workers per rank (default: 1 on CPU, 4 on GPU)")
+    a("--workers", type=int, help="DataLoader workers per rank (default: on GPUs the rank's share of its node's CPU "
+                                  "cores less one, at most 16; 1 on CPU; the start-up line says which and why)")
     a("--shuffle_buffer", type=int, default=5000, help="WebDataset: undecoded samples in each DataLoader worker's "
                                                         "shuffle buffer, which spans shard boundaries (OpenCLIP: 5000)")
     a("--interleave_shards", type=int, default=8, help="WebDataset: shards each worker reads at once, drawing samples "
@@ -160,7 +165,8 @@ def build_parser():
 
 def check_args(parser, args, world_size):
     """Refuse what cannot run and fill in what the options imply (data type, accumulation, precision,
-    workers, evaluation schedule) in `args`, before DeepSpeed starts. Returns the model config."""
+    evaluation schedule) in `args`, before DeepSpeed starts (--workers: in main, from the node's
+    cores). Returns the model config."""
     # Model
     preset = args.preset or DEFAULT_PRESET
     overrides = dict(DEMO_OVERRIDES) if args.preset is None else {}
@@ -182,19 +188,23 @@ def check_args(parser, args, world_size):
         parser.error(f"--train_data {args.train_data}: no such file")
     if args.data_type == "webdataset":
         shards = data.expand_shards(args.train_data)
-        missing = [s for s in shards if not os.path.isfile(s)]
+        missing = data.missing_shards(shards)
         if not shards:
             parser.error(f"--train_data {args.train_data}: the pattern matches no file")
         if missing:
             parser.error(f"--train_data {args.train_data}: {len(missing)} of {len(shards)} shards not found "
                          f"(first: {missing[0]})")
-        if len(shards) < world_size:
+        if len(shards) < world_size and not args.dataset_resampled:
             parser.error(f"{len(shards)} WebDataset shards cannot be split over {world_size} ranks without "
                          "duplication: use more shards or fewer ranks")
         if args.shuffle_buffer < 1 or args.interleave_shards < 1:
             parser.error("--shuffle_buffer and --interleave_shards must be >= 1")
         if args.steps is None and args.train_samples is None:
             parser.error("WebDataset shards have no known length: give --train_samples (samples per epoch) or --steps")
+        if args.dataset_resampled and not args.train_samples:
+            parser.error("--dataset_resampled draws shards for epochs of --train_samples samples: give --train_samples")
+    elif args.dataset_resampled:
+        parser.error("--dataset_resampled is for WebDataset shards")
 
     # Batch: micro-batch per rank x accumulation x ranks = global batch
     micro = args.batch_size
@@ -248,8 +258,6 @@ def check_args(parser, args, world_size):
 
     if args.eval_every is None:
         args.eval_every = 100 if args.data_type == "synthetic" else 0
-    if args.workers is None:
-        args.workers = 4 if cuda else 1
     return model_config
 
 
@@ -338,8 +346,8 @@ def check_out_dir(args, model_config, world_size):
                 ". Resume with the saved settings or choose another --out_dir"), []
     ignored = {"resume", "stop_at", "timeout_minutes", "local_rank", "deepspeed", "export", "checkpoint", "out_dir",
                "deepspeed_config"}
-    changed = [f"--{k} {saved['args'].get(k)} -> {v}" for k, v in vars(args).items()
-               if k not in ignored and k in saved["args"] and json.loads(json.dumps(v)) != saved["args"][k]]
+    changed = [f"--{k} {saved['args'].get(k)} -> {v}" for k, v in vars(args).items()  # None: resolved later (--workers)
+               if k not in ignored and k in saved["args"] and v is not None and json.loads(json.dumps(v)) != saved["args"][k]]
     if saved["world_size"] != world_size:
         changed.append(f"ranks {saved['world_size']} -> {world_size}" + (
             " (the checkpoint is converted to DeepSpeed's universal format to re-partition ZeRO's states)"
@@ -377,8 +385,10 @@ def resume(engine, source, args, world_size, log):
     """The run's progress: from the checkpoint `source` = (folder, tag) names, or a fresh start when the
     tag is None. Progress is what a checkpoint saves besides DeepSpeed's state: the step, the
     micro-batches consumed (map-style data), each DataLoader worker's WebDataset stream position, the
-    skipped-sample counts; each rank's random state is restored too."""
-    progress = {"step": 0, "micro_batches": 0, "stream": {}, "skipped": {}, "examples": {}, "saved_step": None}
+    skipped-sample counts, the data manifest (data.Manifest: what the run trained on); each rank's
+    random state is restored too."""
+    progress = {"step": 0, "micro_batches": 0, "stream": {}, "skipped": {}, "examples": {}, "saved_step": None,
+                "data_manifest": data.Manifest.merge()}
     if not source[1]:
         if args.resume:
             log(f"--resume: no checkpoint in {source[0]}, starting from scratch")
@@ -388,7 +398,7 @@ def resume(engine, source, args, world_size, log):
     if source[1] == "universal":
         distributed.repair_universal_load(engine.optimizer, settings, engine.lr_scheduler.get_last_lr())
     progress.update(step=client["step"], micro_batches=client["micro_batches"], skipped=dict(client["skipped"]),
-                    saved_step=client["step"])
+                    saved_step=client["step"], data_manifest=client.get("data_manifest", data.Manifest.merge()))
     global_micro = args.batch_size * world_size
     if client["world_size"] == world_size:
         set_rng_state(client["rng"][torch.distributed.get_rank()])
@@ -407,18 +417,23 @@ def resume(engine, source, args, world_size, log):
 
 def save_checkpoint(engine, args, progress, model_config, control):
     """DeepSpeed's checkpoint with every rank's random state and stream position in its client state,
-    and trainer_state.json saying what the run was (for --resume's checks and --export)."""
+    the run's data manifest (every rank's batches since the last checkpoint added) there and in
+    data_manifest.json, and trainer_state.json saying what the run was (for --resume's checks and --export)."""
     world_size = torch.distributed.get_world_size()
     everyone = [None] * world_size
-    torch.distributed.all_gather_object(everyone, {"rng": rng_state(), "stream": progress["stream"]})
+    torch.distributed.all_gather_object(everyone, {"rng": rng_state(), "stream": progress["stream"],
+                                                   "manifest": progress["manifest"].take()})
+    progress["data_manifest"] = data.Manifest.merge(progress["data_manifest"], *[e["manifest"] for e in everyone])
     step = progress["step"]
     client = {"step": step, "micro_batches": progress["micro_batches"], "world_size": world_size,
               "global_micro_batch": args.batch_size * world_size, "skipped": progress["skipped"],
-              "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone]}
+              "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone],
+              "data_manifest": progress["data_manifest"]}
     trainer_state = {"msclip_config": json.loads(json.dumps(vars(model_config))), "step": step,
                      "zero_stage": args.zero_stage, "precision": args.precision, "world_size": world_size,
                      "global_batch": args.global_batch_size, "args": vars(args)}
-    distributed.save(engine, args.out_dir, step, client, trainer_state, args.keep, control)
+    distributed.save(engine, args.out_dir, step, client, trainer_state, args.keep, control,
+                     {"data_manifest.json": json.dumps(progress["data_manifest"], indent=1)})
     progress["saved_step"] = step
 
 
@@ -442,13 +457,15 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
     last = min(args.steps, args.stop_at) if args.stop_at else args.steps
     epoch_size = len(loader.dataset) if args.data_type != "webdataset" else (args.train_samples or math.inf)
     started, window_start = time.time(), time.time()
-    loss_sum, micro_batches, window_steps, skipped = 0.0, 0, 0, {}
+    loss_sum, micro_batches, window_steps, skipped, waited = 0.0, 0, 0, {}, 0.0
     batches = iter(loader)
     try:
         while progress["step"] < last and not stop.agreed():
             lr = engine.lr_scheduler.get_last_lr()[0]
             for _ in range(args.grad_accum):
+                waiting = time.perf_counter()  # host time only: the data wait needs no device sync
                 images, tokens, skips, positions = next(batches)
+                waited += time.perf_counter() - waiting
                 for reason, where in skips:
                     skipped[reason] = skipped.get(reason, 0) + 1
                     progress["examples"].setdefault(reason, where)
@@ -479,17 +496,18 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                 scale = distributed.logit_scale_value(engine)
                 entry = {"step": step, "loss": float(loss_sum) / micro_batches, "lr": lr, "logit_scale": scale,
                          "pairs_per_s": window_steps * args.global_batch_size / max(elapsed, 1e-9),
-                         "memory_gb": memory_gb(device),
+                         "memory_gb": memory_gb(device), "data_wait": min(1.0, waited / max(elapsed, 1e-9)),
                          "epoch": progress["micro_batches"] * args.batch_size * world_size / epoch_size,
                          "skipped": dict(progress["skipped"]), "time": time.time() - started}
                 record(metrics, entry)
                 eta = (args.steps - step) * elapsed / window_steps
                 log(f"step {step:>6}/{args.steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | logit scale {scale:.3f} | "
-                    f"{entry['pairs_per_s']:,.0f} pairs/s | mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}")
+                    f"{entry['pairs_per_s']:,.0f} pairs/s | data wait {entry['data_wait']:.0%} | "
+                    f"mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}")
                 if engine.monitor.enabled and metrics:
                     engine.monitor.write_events([("Train/loss", entry["loss"], step), ("Train/logit_scale", scale, step),
                                                  ("Train/pairs_per_s", entry["pairs_per_s"], step)])
-                loss_sum, micro_batches, window_steps, skipped, window_start = 0.0, 0, 0, {}, time.time()
+                loss_sum, micro_batches, window_steps, skipped, waited, window_start = 0.0, 0, 0, {}, 0.0, time.time()
 
             if eval_sets and args.eval_every > 0 and step % args.eval_every == 0 and step < last:
                 accuracy = evaluate(engine, eval_sets, args, stop.group)
@@ -565,7 +583,8 @@ def main(argv=None):
     try:
         dataset = data.open_train_data(args.data_type, args.train_data, model_config.image_size, args.seed,
                                        args.synthetic_samples, args.csv_separator, args.csv_img_key,
-                                       args.csv_caption_key, args.shuffle_buffer, args.interleave_shards)
+                                       args.csv_caption_key, args.shuffle_buffer, args.interleave_shards,
+                                       args.train_samples if args.dataset_resampled else None)
         eval_sets = [evaluation.open_named_dataset(s, args.eval_samples, model_config.image_size) for s in specs]
     except ValueError as e:
         parser.error(str(e))
@@ -586,6 +605,9 @@ def main(argv=None):
     if problem:
         parser.error(problem) if rank == 0 else sys.exit(2)
     stop = distributed.StopRequests(control, launchers)
+    workers_why = "--workers"
+    if args.workers is None:
+        args.workers, workers_why = data.default_workers(*distributed.node_cores(control), torch.cuda.is_available())
     log = (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
     for note in notes:
         log(note)
@@ -617,6 +639,7 @@ def main(argv=None):
                                progress["micro_batches"], dict(progress["stream"]), hard_negative_groups(args),
                                pin_memory=engine.device.type == "cuda", log=log)
     loader.worker_init_fn = distributed.ignoring_stop_signals(loader.worker_init_fn)
+    progress["manifest"] = loader.manifest  # this rank's batches since the last checkpoint
     metrics = None
     if rank == 0:
         distributed.trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), progress["step"])
@@ -626,7 +649,7 @@ def main(argv=None):
         f"parameters, {c.layers} layers, width {c.vision_width}, {c.image_size} px | {args.data_type} data | ZeRO "
         f"{args.zero_stage}, {args.precision}, {world_size} rank(s) on {engine.device.type} | {args.steps} steps x "
         f"{args.global_batch_size} pairs ({args.batch_size} per rank x {args.grad_accum} accumulation), lr {args.lr:g} "
-        f"(shared {args.lr_shared:g}), warm-up {warmup}")
+        f"(shared {args.lr_shared:g}), warm-up {warmup} | {args.workers} DataLoader worker(s) per rank ({workers_why})")
 
     # Train; then export and the final evaluation, or, when asked to stop, only the checkpoint
     # (schedulers SIGKILL about 30 s after their notice)

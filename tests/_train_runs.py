@@ -174,6 +174,7 @@ def main():
                 steps, evals = read_metrics(out_dir)
                 result.update(losses=[e["loss"] for e in steps], steps=[e["step"] for e in steps],
                               logit_scales=[e["logit_scale"] for e in steps], lrs=[e["lr"] for e in steps],
+                              data_waits=[e["data_wait"] for e in steps],
                               evals=evals, skipped_logged=steps[-1]["skipped"] if steps else {})
             results[run["name"]] = result
         results[run["name"]]["seconds"] = time.time() - started

@@ -42,9 +42,9 @@ def write_tar(path, samples):
     return str(path)
 
 
-def encoded_image(image, fmt):
+def encoded_image(image, fmt, **options):
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 

@@ -139,3 +139,23 @@ def test_zero_mode_two_ranks(tmp_path):
     (result,) = json.loads(out.read_text())["results"]
     assert result["stage"] == 3 and result["world"] == 2 and [r["rank"] for r in result["ranks"]] == [0, 1]
     assert all(r["peak_memory"] > 0 and math.isfinite(r["loss"]) for r in result["ranks"])
+
+
+def test_data_mode_per_core_figures_and_data_wait():
+    """The three kinds of shards with PIL's floor and this pipeline's rate per CPU-second, cores per
+    GPU for an H200 at 40% MFU from this preset's FLOPs, and train_ds.py's data wait end to end."""
+    result = bench.main(["--mode", "data", "--preset", "msclip-s-tiny", "--data-shards", "1", "--data-per-shard", "64",
+                         "--data-rounds", "1", "--batch-size", "4", "--warmup", "1", "--steps", "1"])
+    assert [k["kind"] for k in result["kinds"]] == [name for name, *_ in bench.DATA_KINDS]
+    for kind in result["kinds"]:
+        assert kind["floor_per_cpu_s"] > 0 and kind["msclip_per_cpu_s"] > 0 and kind["openclip_per_cpu_s"] is None
+        assert kind["cores_per_gpu"] == pytest.approx(result["target_pairs_per_s"] / kind["msclip_per_cpu_s"] + 1)
+    config = msclip.MSCLIPConfig(**msclip.PRESETS["msclip-s-tiny"])
+    assert result["target_pairs_per_s"] == pytest.approx(0.4 * 989e12 / (3 * bench.model_flops(config, 17)["total"]))
+    assert 0 <= result["data_wait"] <= 1 and result["train_ds_pairs_per_s"] > 0
+
+
+def test_csv_mode():
+    result = bench.main(["--mode", "csv", "--csv-rows", "20000"])
+    assert result["rows"] == 20000 and result["seconds"] > 0 and result["retained"] > 0
+    assert result["worker_copied"] < result["file_bytes"] / 2  # the rows stay shared with a forked worker
