@@ -260,8 +260,8 @@ def check_args(parser, args, world_size):
                      "not with --stop_at, which stops at a checkpoint)")
     half = args.precision in ("bf16", "fp16")
     if args.grad_reduce_dtype in ("bf16", "fp16") and args.grad_reduce_dtype != args.precision:
-        parser.error(f"--grad_reduce_dtype {args.grad_reduce_dtype} needs --precision {args.grad_reduce_dtype} (the "
-                     f"gradients are {args.precision if half else 'fp32'}-computed): use fp32")
+        parser.error(f"--grad_reduce_dtype {args.grad_reduce_dtype} needs --precision {args.grad_reduce_dtype} "
+                     f"(the precision is {args.precision}): use fp32")
     if args.grad_reduce_dtype in ("bf16", "fp16") and args.zero_stage == 0:
         parser.error(f"--grad_reduce_dtype {args.grad_reduce_dtype}: ZeRO-0 sums the gradients in fp32 (DeepSpeed's "
                      "communication_data_type); the half type needs ZeRO 1-3")
@@ -656,7 +656,7 @@ def main(argv=None):
     engine, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=device) if device is not None else None,
                                            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
     if args.compile:
-        engine.compile(backend=args.compile)  # torch.compile of the module (its forward and DeepSpeed's hooks)
+        engine.compile(backend=args.compile)  # nn.Module.compile of the model: its call, hooks included
     if args.precision != "fp32" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
         raise SystemExit(f"--precision {args.precision} needs DeepSpeed's torch_autocast with ZeRO (0.17.2 or later); "
                          f"DeepSpeed {deepspeed.__version__} would train in fp32")
