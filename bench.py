@@ -144,6 +144,23 @@ def model_flops(config, text_tokens):
     return {"image": image, "text": text, "total": image + text}
 
 
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from the vendors' datasheets (SXM parts), TFLOP/s: the
+# peak MFU figures in papers divide by. The matmul rate measured on the device is lower (about 790 on
+# an H200), so bench.py reports MFU against both.
+SPEC_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}
+
+
+def spec_peak_flops(device, precision, override_tflops=None):
+    """The datasheet's dense peak for this device and precision (FLOP/s), or None where unknown (CPUs,
+    fp32, an unlisted GPU): `override_tflops` (bench.py's --spec-tflops) gives it by hand."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for chip, tflops in SPEC_BF16_TFLOPS.items() if chip in name), None)
+
+
 def estimate_mfu(flops_per_pair, pairs_per_s, peak_flops):
     """Model FLOP utilisation: training FLOPs achieved (3 × forward per pair) over the peak rate."""
     return 3 * flops_per_pair * pairs_per_s / peak_flops
@@ -352,22 +369,25 @@ def largest_batch(trainer, config, device, start=64):
     return good
 
 
-def report(name, config, batch_size, tokens, times, losses, peak, memory, base, precision):
-    """Print one preset's figures and return them as a dict."""
+def report(name, config, batch_size, tokens, times, losses, peak, memory, base, precision, spec=None):
+    """Print one preset's figures and return them as a dict. MFU is over the measured matmul rate
+    `peak` ("mfu") and over the datasheet's `spec` peak where known ("mfu_spec", else None)."""
     pairs = batch_size / statistics.median(times)
     flops = model_flops(config, tokens)
     r = {"preset": name, "batch_size": batch_size, "text_tokens": tokens, "step_s": spread(times),
          "pairs_per_s": pairs, "pairs_per_s_min": batch_size / max(times), "pairs_per_s_max": batch_size / min(times),
          "flops_per_pair": flops, "achieved_flops": 3 * flops["total"] * pairs,
-         "mfu": estimate_mfu(flops["total"], pairs, peak), "matmul_flops": peak, "peak_memory": memory,
-         "memory_before_model": base, "losses": losses}
+         "mfu": estimate_mfu(flops["total"], pairs, peak), "matmul_flops": peak,
+         "mfu_spec": estimate_mfu(flops["total"], pairs, spec) if spec else None, "spec_flops": spec,
+         "peak_memory": memory, "memory_before_model": base, "losses": losses}
     print(f"{name}: batch {batch_size}, text at {tokens} tokens, {precision}")
     print(f"  step            {fmt_spread(r['step_s'])}")
     print(f"  pairs/s         {pairs:.2f} (min {r['pairs_per_s_min']:.2f}, max {r['pairs_per_s_max']:.2f})")
     print(f"  forward GFLOPs  image {flops['image'] / 1e9:.2f} + text {flops['text'] / 1e9:.2f} "
           f"= {flops['total'] / 1e9:.2f} per pair (a training step: 3x)")
     print(f"  achieved        {r['achieved_flops'] / 1e12:.3f} TFLOP/s, MFU {100 * r['mfu']:.1f}% "
-          f"of the measured {peak / 1e12:.3f} TFLOP/s matmul rate")
+          f"of the measured {peak / 1e12:.3f} TFLOP/s matmul rate" +
+          (f", {100 * r['mfu_spec']:.1f}% of the {spec / 1e12:.0f} TFLOP/s datasheet peak" if spec else ""))
     print(f"  peak memory     {gib(memory)} ({gib(memory - base)} above the {gib(base)} before the model "
           f"was built)", flush=True)
     return r
@@ -392,7 +412,8 @@ def bench_train(args, device, peak):
     if device.type == "cuda":
         print(f"  host syncs in one step: {count_host_syncs(trainer, batch)}")
     peak = max(peak, matmul_rate(args, device))
-    r = report(name, config, batch_size, batch[1].shape[1], times, losses, peak, memory, base, args.precision)
+    r = report(name, config, batch_size, batch[1].shape[1], times, losses, peak, memory, base, args.precision,
+               spec_peak_flops(device, args.precision, args.spec_tflops))
     return {"mode": "train", "results": [r]}
 
 
@@ -403,6 +424,7 @@ def run_alone(name, args, warmup, steps, quiet=False):
         command = [sys.executable, __file__, "--preset", name, "--batch-size", str(args.batch_size),
                    "--precision", args.precision, "--device", args.device, "--warmup", str(warmup),
                    "--steps", str(steps), "--fused-adamw", str(args.fused_adamw), "--json", str(out)]
+        command += ["--spec-tflops", str(args.spec_tflops)] if args.spec_tflops else []
         command += ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL if quiet else None)
         return json.loads(out.read_text())["results"][0]
@@ -423,7 +445,8 @@ def bench_compare(args, device, peak):
         times, losses = time_steps(trainers, batches, args.warmup, args.steps)
         peak = max(peak, matmul_rate(args, device))
         results = [report(name, t.model.config, args.batch_size, batch[1].shape[1], ts, ls, peak,
-                          alone[name]["peak_memory"], alone[name]["memory_before_model"], args.precision)
+                          alone[name]["peak_memory"], alone[name]["memory_before_model"], args.precision,
+                          spec_peak_flops(device, args.precision, args.spec_tflops))
                    for name, t, batch, ts, ls in zip(args.presets, trainers, batches, times, losses)]
     clip, ms = results
     print(f"{ms['preset']} / {clip['preset']}: {ms['pairs_per_s'] / clip['pairs_per_s']:.3f}x pairs/s, "
@@ -852,6 +875,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile both towers (off: slower on CPU)")
     p.add_argument("--channels-last", action="store_true", help="images in NHWC memory format (no gain on CPU)")
     p.add_argument("--fused-adamw", type=int, default=1, help="AdamW(fused=True): one kernel per step (1/0)")
+    p.add_argument("--spec-tflops", type=float, help="the device's datasheet peak for MFU (default: bf16 of the GPUs in "
+                                                     f"SPEC_BF16_TFLOPS, {SPEC_BF16_TFLOPS})")
     p.add_argument("--captions", help="a text file, one caption per line (tokenizer and textlen modes)")
     p.add_argument("--tokenizer-seconds", type=float, default=3.0)
     p.add_argument("--zero-ranks", type=int, nargs="+", default=[1, 2])

@@ -92,9 +92,30 @@ def launcher_environment(env):
     return name, out
 
 
+def device_index(local_rank, visible):
+    """This process's GPU among the `visible` ones (torch.cuda.device_count()): its local rank when
+    every GPU of the node is visible (`deepspeed`, torchrun, srun --gpus-per-node), 0 when the
+    launcher shows each process one GPU (srun --gpus-per-task=1 or --gpu-bind=single:1, a
+    CUDA_VISIBLE_DEVICES per rank), else the local rank modulo the visible GPUs (several per task).
+    OpenCLIP asks for --no-set-device-rank in the one-GPU case; here it follows from the count."""
+    if visible < 1:
+        raise ValueError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")
+    return local_rank % visible
+
+
 def init_distributed(timeout_minutes):
     """Join (or, under plain `python`, create) the process group: nccl on GPUs, gloo on CPU. The
-    launcher's variables are in os.environ already (main() sets them from launcher_environment)."""
+    launcher's variables are in os.environ already (main() sets them from launcher_environment).
+    Returns (deepspeed, this process's GPU index, or None on CPU).
+
+    On GPUs the index is device_index's, and the process group is created here, bound to that
+    device: DeepSpeed's own creation would bind cuda:LOCAL_RANK ("invalid device ordinal" when each
+    task sees one GPU). LOCAL_RANK stays the local rank, which DeepSpeed checks against
+    OMPI_COMM_WORLD_LOCAL_RANK under mpirun; deepspeed.initialize must get the index as
+    args.device_rank, or its engine calls set_device(LOCAL_RANK) too. cudnn.benchmark is turned on
+    (as OpenCLIP and timm do: the conv shapes are fixed; cuDNN's choice of algorithm is not
+    bit-reproducible across runs)."""
     os.environ.setdefault("MASTER_PORT", str(free_port()))  # one process: any free port
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
@@ -102,6 +123,7 @@ def init_distributed(timeout_minutes):
     import deepspeed
     from deepspeed.utils import logger
     logger.setLevel("WARNING")
+    timeout, device = datetime.timedelta(minutes=timeout_minutes), None
     if not cuda:
         # The shared-memory all-reduce op is for inference; training never calls it. Without this the
         # first run on a machine sits 1-3 minutes compiling it.
@@ -109,10 +131,14 @@ def init_distributed(timeout_minutes):
         if "OMP_NUM_THREADS" not in os.environ:  # launchers leave it unset: ranks would fight over cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     else:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process on its node
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
-    return deepspeed
+        device = device_index(int(os.environ["LOCAL_RANK"]), torch.cuda.device_count())
+        torch.cuda.set_device(device)  # one GPU per process
+        torch.backends.cudnn.benchmark = True
+        if not torch.distributed.is_initialized():  # bound to the device (NCCL's eager init), as DeepSpeed does
+            bind = {"device_id": torch.device("cuda", device)} if int(os.environ["WORLD_SIZE"]) > 1 else {}
+            torch.distributed.init_process_group("nccl", timeout=timeout, **bind)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
+    return deepspeed, device
 
 
 def node_cores(group=None):

@@ -324,10 +324,11 @@ class Adapter(nn.Module):
         self.norm = LayerNorm(width)
 
     def forward(self, tokens, branch):
-        batch, length, width = tokens.shape
-        side = math.isqrt(length - 1)
+        side = math.isqrt(tokens.shape[1] - 1)
         from_branch = self.branch_proj(self.branch_pool(branch)).flatten(2).transpose(1, 2)
-        grid = tokens[:, 1:].transpose(1, 2).reshape(batch, width, side, side)
+        # The grid tokens as a [B, width, side, side] view (channels-last strides): no copy; the
+        # depthwise conv reads it as it is and its output flattens back to tokens without one
+        grid = tokens[:, 1:].unflatten(1, (side, side)).permute(0, 3, 1, 2)
         grid = self.token_mix(grid).flatten(2).transpose(1, 2)
         cls = tokens[:, :1]
         return self.norm(torch.cat([cls + cls, grid + from_branch], dim=1))

@@ -83,6 +83,11 @@ def build_parser():
                                              f"official code; CLIP used 2.659; the demo model {DEMO_LOGIT_SCALE:.3f})")
     a("--grad_checkpointing", action="store_true", help="recompute transformer layers in backward (less memory)")
     a("--local_loss", action="store_true", help="each rank scores only its own rows against all columns (less memory)")
+    a("--compile", nargs="?", const="inductor", metavar="BACKEND",
+      help="torch.compile the model through DeepSpeed's engine.compile, with inductor or the torch.compile BACKEND "
+           "named (e.g. aot_eager: graph capture without code generation); the first steps compile for minutes")
+    a("--channels_last", action="store_true", help="images in channels-last (NHWC) memory order through the conv stem, "
+                                                   "the parallel branch and the adapters (same values)")
 
     a = p.add_argument_group("data").add_argument
     a("--train_data", help="a .csv/.tsv file (image path, caption) or WebDataset shards ('dir/{00000..01023}.tar', "
@@ -128,11 +133,15 @@ def build_parser():
     a("--zero_stage", type=int, choices=[0, 1, 2, 3], default=1, help="ZeRO stage")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
       help="auto: bf16 on GPUs that have it, else fp16 on GPUs; fp32 on CPU")
+    a("--grad_reduce_dtype", choices=["fp32", "bf16", "fp16"],
+      help="the type in which ZeRO sums the gradients over ranks under bf16/fp16 (default: fp32 at ZeRO 0-2; at "
+           "ZeRO-3 the half type, in which it also gathers the weights: fp32 there doubles that traffic)")
     a("--seed", type=int, default=0)
 
     a = p.add_argument_group("checkpoints").add_argument
     a("--out_dir", default="out", help="checkpoints, metrics.jsonl, DeepSpeed monitor files and the exported weights")
-    a("--save_every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    a("--save_every", type=int, default=1000, help="checkpoint every N steps and at the end (0: only at the end; "
+                                                     "-1: never, and no export: for benchmarks)")
     a("--keep", type=int, default=2, help="complete checkpoints kept")
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out_dir (fresh start "
                                             "when there is none)")
@@ -256,6 +265,19 @@ def check_args(parser, args, world_size):
                      "clipping ignores torch_autocast's loss scale): use --precision bf16, --zero_stage 0, or "
                      "--grad_clip 0")
 
+    if args.save_every < -1 or (args.save_every == -1 and args.stop_at):
+        parser.error(f"--save_every {args.save_every}: give N >= 1 (every N steps), 0 (only at the end) or -1 (never; "
+                     "not with --stop_at, which stops at a checkpoint)")
+    half = args.precision in ("bf16", "fp16")
+    if args.grad_reduce_dtype in ("bf16", "fp16") and args.grad_reduce_dtype != args.precision:
+        parser.error(f"--grad_reduce_dtype {args.grad_reduce_dtype} needs --precision {args.grad_reduce_dtype} "
+                     f"(the precision is {args.precision}): use fp32")
+    if args.grad_reduce_dtype in ("bf16", "fp16") and args.zero_stage == 0:
+        parser.error(f"--grad_reduce_dtype {args.grad_reduce_dtype}: ZeRO-0 sums the gradients in fp32 (DeepSpeed's "
+                     "communication_data_type); the half type needs ZeRO 1-3")
+    if args.grad_reduce_dtype is None:
+        args.grad_reduce_dtype = args.precision if half and args.zero_stage == 3 else "fp32"
+
     if args.eval_every is None:
         args.eval_every = 100 if args.data_type == "synthetic" else 0
     return model_config
@@ -275,7 +297,14 @@ def deepspeed_config(parser, args):
     options. bf16 and fp16 run through DeepSpeed's torch_autocast: the weights, their gradients and
     the optimizer's master copy stay fp32 at every ZeRO stage; matmuls and convolutions run in half
     precision; BatchNorm, LayerNorm, softmax and the loss stay fp32. (DeepSpeed's bf16/fp16 engines
-    cast the parameters but not BatchNorm's buffers: MS-CLIP-S's BatchNorm then fails.)"""
+    cast the parameters but not BatchNorm's buffers: MS-CLIP-S's BatchNorm then fails.)
+    The sums of the gradients over ranks (--grad_reduce_dtype): torch_autocast would reduce the
+    gradients of every Linear and Conv weight in the half type at ZeRO 1-3, whatever
+    communication_data_type says, and the rest in fp32. At ZeRO 1 and 2 the trainer marks no module
+    (lower_precision_safe_modules = []): every gradient is summed in fp32, as DDP and OpenCLIP do,
+    since a bf16 sum over 64+ ranks loses the low bits of each addend. ZeRO-0 sums in fp32 anyway.
+    At ZeRO-3 the same mark also makes the weight gathers half precision (half their traffic), so
+    the trainer keeps DeepSpeed's marks there unless --grad_reduce_dtype fp32 is given."""
     try:
         with open(args.deepspeed_config) as f:
             config = json.load(f)
@@ -307,6 +336,13 @@ def deepspeed_config(parser, args):
     config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     half = {"bf16": "bfloat16", "fp16": "float16"}.get(args.precision)
     config["torch_autocast"] = {"enabled": True, "dtype": half} if half else {"enabled": False}
+    if half and args.zero_stage > 0 and args.grad_reduce_dtype == "fp32":
+        # torch_autocast marks the weights of these module types to be reduced (and, at ZeRO-3, gathered)
+        # in the half type, whatever communication_data_type says: none marked, one fp32 bucket
+        config["torch_autocast"]["lower_precision_safe_modules"] = []
+    # Overlap ZeRO-2's gradient reduce-scatter with the backward pass (DeepSpeed's advice for stage 2;
+    # at ZeRO-3 it stays off, as before, unless ds_config.json or --ds_set turn it on)
+    config["zero_optimization"].setdefault("overlap_comm", args.zero_stage == 2)
     for monitor in ("tensorboard", "csv_monitor", "wandb"):  # next to the checkpoints unless ds_config names a folder
         if config.get(monitor, {}).get("enabled"):
             config[monitor].setdefault("output_path", os.path.join(args.out_dir, "monitor"))
@@ -515,13 +551,21 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                 log(f"step {step:>6} | zero-shot top-1: " + ", ".join(f"{k} {v:.1f}%" for k, v in accuracy.items()))
                 window_start = time.time()
 
-            if args.save_every and step % args.save_every == 0 and step < last:
+            if args.save_every > 0 and step % args.save_every == 0 and step < last:
                 save_checkpoint(engine, args, progress, model_config, stop.group)
                 window_start = time.time()
     finally:
         del batches  # stops the DataLoader workers
-    if progress["saved_step"] != progress["step"]:
+    if progress["saved_step"] != progress["step"] and args.save_every >= 0:
         save_checkpoint(engine, args, progress, model_config, stop.group)
+
+
+def channels_last_images(model, inputs):
+    """--channels_last: a forward pre-hook giving the model its images in NHWC memory order. The conv
+    stem's and the branch's feature maps follow the input's order, the adapters' token grid is a
+    view in that order (msclip.Adapter), and the maps flatten to tokens without a transpose copy."""
+    images, *rest = inputs
+    return (images.contiguous(memory_format=torch.channels_last), *rest)
 
 
 def record(metrics, entry):
@@ -598,7 +642,7 @@ def main(argv=None):
     # The process group; rank 0 takes --out_dir's lock and picks the checkpoint every rank resumes
     os.environ.update(variables)
     launchers = distributed.launcher_processes() if launcher else []
-    deepspeed = distributed.init_distributed(args.timeout_minutes)
+    deepspeed, device = distributed.init_distributed(args.timeout_minutes)
     rank = torch.distributed.get_rank()
     control = torch.distributed.new_group(backend="gloo")  # host-side agreement, no device synchronisation
     lock, tag, problem = distributed.claim_out_dir(args.out_dir, args.resume, control)
@@ -621,6 +665,8 @@ def main(argv=None):
     model.set_grad_checkpointing(args.grad_checkpointing)
     if args.zero_stage == 3:
         distributed.register_orphan_parameters(model)
+    if args.channels_last:  # the images, and so every conv feature map after them (the weights stay as ZeRO holds them)
+        model.register_forward_pre_hook(channels_last_images)
     scale = world_size if args.scale_lr else 1
     optimizer = model.configure_optimizers(args.lr * scale, args.wd, args.lr_shared * scale, args.wd_shared,
                                            betas=args.betas, eps=args.eps)
@@ -629,7 +675,10 @@ def main(argv=None):
     source = distributed.resume_source(args.out_dir, tag, world_size, args.zero_stage, control, log)
     if source[1] == "universal":
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=device) if device is not None else None,
+                                           model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    if args.compile:
+        engine.compile(backend=args.compile)  # nn.Module.compile of the model: its call, hooks included
     if args.precision != "fp32" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
         raise SystemExit(f"--precision {args.precision} needs DeepSpeed's torch_autocast with ZeRO (0.17.2 or later); "
                          f"DeepSpeed {deepspeed.__version__} would train in fp32")
@@ -655,15 +704,17 @@ def main(argv=None):
     # (schedulers SIGKILL about 30 s after their notice)
     try:
         train(args, engine, loader, progress, model_config, eval_sets, stop, metrics, log)
-        folder = os.path.join(distributed.checkpoint_root(args.out_dir), distributed.latest_checkpoint(args.out_dir))
+        latest = distributed.latest_checkpoint(args.out_dir) if args.save_every >= 0 else None
+        folder = os.path.join(distributed.checkpoint_root(args.out_dir), latest) if latest else None
         result = {"steps": progress["step"], "checkpoint": folder, "skipped": progress["skipped"]}
         if progress["step"] < args.steps:
             if stop.reason:
                 print(f"rank {rank}: {stop.reason}", flush=True)
-            log(f"stopped at step {progress['step']} of {args.steps}: checkpoint {folder}; continue with --resume")
+            log(f"stopped at step {progress['step']} of {args.steps}: " +
+                (f"checkpoint {folder}; continue with --resume" if folder else "no checkpoint (--save_every -1)"))
             return {**result, "stopped": True}
-        result["export"] = os.path.join(args.out_dir, "msclip.pt")
-        if rank == 0:
+        result["export"] = os.path.join(args.out_dir, "msclip.pt") if folder else None
+        if rank == 0 and folder:
             distributed.export(folder, result["export"])
         if eval_sets and args.eval_every >= 0:
             accuracy = result["zero_shot"] = evaluate(engine, eval_sets, args, control)
@@ -672,8 +723,9 @@ def main(argv=None):
                 + (f" (chance: shape {100 / len(shapes.SHAPES):.1f}, colour {100 / len(shapes.COLOURS):.1f})"
                    if args.data_type == "synthetic" else ""))
         torch.distributed.barrier()
-        log(f"done: {progress['step']} steps in {format_time(time.time() - started)}; checkpoint {folder}; weights "
-            f"for msclip.load_checkpoint / eval.py: {result['export']}")
+        log(f"done: {progress['step']} steps in {format_time(time.time() - started)}; " +
+            (f"checkpoint {folder}; weights for msclip.load_checkpoint / eval.py: {result['export']}" if folder else
+             "no checkpoint written (--save_every -1)"))
         return result
     finally:
         if metrics:

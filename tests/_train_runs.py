@@ -7,7 +7,9 @@ so that a test pays the launcher's start-up (20-30 s on 2 CPU cores) once for ma
 SPEC.json: {"result": PATH, "runs": [RUN, ...]}. A RUN is {"name", "argv"} (a train_ds.main call;
 its per-step metrics are read back from its --out_dir; with "count_host_reads": true, also every
 read of a tensor value to the host, see counting_host_reads; with "record_evaluation": true, what
-each rank encoded in eval mode, see recording_evaluation) or {"name", "reference": {...}}: the same
+each rank encoded in eval mode, see recording_evaluation; with "record_reductions": true, the
+ZeRO 1/2 gradient buckets and the elements each reduces, by type, see recording_reductions) or
+{"name", "reference": {...}}: the same
 training re-computed in plain PyTorch, one process holding the global batch, without DeepSpeed and
 without train_ds's loop (only the definition of the data: shapes.SyntheticCaptions,
 shapes.minimal_pair_batches, data.normalize_images). Rank 0
@@ -142,6 +144,49 @@ def recording_evaluation():
     return records, restore
 
 
+def recording_reductions():
+    """Patch DeepSpeed to record the ZeRO 1/2 optimizer's gradient buckets (one per type it reduces
+    in) and every reduction collective that engine.backward issues: elements by the tensor's type,
+    summed over the run. Returns (records, restore)."""
+    import deepspeed.comm as ds_comm
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
+    records, inside = {"buckets": [], "reduced": {}}, [False]
+    saved = {(Zero, "__init__"): Zero.__init__, (DeepSpeedEngine, "backward"): DeepSpeedEngine.backward}
+    saved.update({(ds_comm, n): getattr(ds_comm, n) for n in ("all_reduce", "reduce", "reduce_scatter_tensor",
+                                                              "reduce_scatter_fn", "all_reduce_coalesced")})
+
+    def init(self, *args, **kwargs):
+        saved[(Zero, "__init__")](self, *args, **kwargs)
+        records["buckets"] = sorted(str(dtype).replace("torch.", "") for dtype in self.ipg_buckets)
+
+    def backward(self, *args, **kwargs):
+        inside[0] = True
+        try:
+            return saved[(DeepSpeedEngine, "backward")](self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def collective(name):
+        def call(tensor, *args, **kwargs):
+            if inside[0]:
+                for t in tensor if isinstance(tensor, (list, tuple)) else [tensor]:
+                    key = f"{name}|{str(t.dtype).replace('torch.', '')}"
+                    records["reduced"][key] = records["reduced"].get(key, 0) + t.numel()
+            return saved[(ds_comm, name)](tensor, *args, **kwargs)
+        return call
+
+    Zero.__init__, DeepSpeedEngine.backward = init, backward
+    for owner, name in saved:
+        if owner is ds_comm:
+            setattr(ds_comm, name, collective(name))
+
+    def restore():
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
+    return records, restore
+
+
 def main():
     spec_path = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]
     with open(spec_path) as f:
@@ -154,12 +199,15 @@ def main():
         else:
             counts, restore = counting_host_reads() if run.get("count_host_reads") else (None, None)
             records, stop_recording = recording_evaluation() if run.get("record_evaluation") else (None, None)
+            reductions, stop_reductions = recording_reductions() if run.get("record_reductions") else (None, None)
             try:
                 result = train_ds.main(run["argv"])
             finally:
-                for undo in (restore, stop_recording):
+                for undo in (restore, stop_recording, stop_reductions):
                     if undo:
                         undo()
+            if reductions is not None:
+                result["reductions"] = reductions
             if counts is not None:
                 import deepspeed
                 result.update(host_reads=counts, deepspeed_version=deepspeed.__version__)
