@@ -6,6 +6,8 @@ How fast msclip trains, and what it costs in memory. A script, like nanoGPT's be
     python bench.py --mode textlen                           # text at caption length vs padded to 77 tokens
     python bench.py --mode tokenizer --captions caps.txt     # captions/s (built-in captions without a file)
     python bench.py --mode zero                              # ZeRO 0/1/2/3 on 1 and 2 CPU ranks: memory per rank
+    python bench.py --mode accumulation --batch-size 256 --accum 4   # memory and step time: 4 x 64 pairs
+                                        # (train_ds.py --grad_accum 4, every pair a negative) vs 256 at once
     python bench.py --mode data --preset msclip-s-b32 --batch-size 16   # data pipeline: samples/s per
                                         # worker on JPEG shards; train_ds.py end to end vs the bare step
     python bench.py --device cuda --precision bf16 --preset msclip-s-b16 --batch-size max
@@ -37,6 +39,7 @@ from pathlib import Path
 import torch
 
 import msclip
+import train_ds
 
 # Web alt-text style captions (written for this benchmark): 10-17 tokens with SOT/EOT, mean 13.
 CAPTIONS = [
@@ -251,6 +254,18 @@ def make_batch(config, batch_size, device, captions=None, trim=True, seed=0, cha
     return images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
 
 
+def host_batch(config, batch_size, device, seed=0):
+    """A batch as train_ds.py's loader gives it: uint8 images and trimmed tokens on the host (pinned
+    for CUDA), normalised on the device when encoded."""
+    generator = torch.Generator().manual_seed(seed)
+    size = (batch_size, 3, config.image_size, config.image_size)
+    images = torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+    tokens = msclip.trim_padding(caption_tokens(batch_size, None, config.context_length))
+    if device.type == "cuda":
+        images, tokens = images.pin_memory(), tokens.pin_memory()
+    return images, tokens
+
+
 def make_optimizer(model, fused):
     """The project's AdamW groups (MSCLIP.configure_optimizers); fused=True runs one kernel per step."""
     optimizer = model.configure_optimizers(lr=5e-4, weight_decay=0.2)
@@ -299,6 +314,41 @@ def time_steps(trainers, batches, warmup, steps):
             if i >= warmup:
                 times[t].append(time.perf_counter() - start)
     return times, [[float(x) for x in ls] for ls in losses]      # read the losses only now
+
+
+class PlainEngine:
+    """What train_ds.contrastive_step uses of DeepSpeed's engine, in plain PyTorch around a Trainer:
+    the forward under its autocast, backward, and the optimizer step after every `accum` micro-batches."""
+
+    def __init__(self, trainer, accum):
+        self.trainer, self.accum, self.micro_batches = trainer, accum, 0
+        self.module, self.device = trainer.model, trainer.device
+
+    def __call__(self, images, tokens):
+        with self.trainer.autocast():
+            return self.module(images, tokens)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        (loss / self.accum if scale_wrt_gas else loss).backward()
+
+    def step(self):
+        self.micro_batches += 1
+        if self.micro_batches % self.accum == 0:
+            self.trainer.optimizer.step()
+            self.trainer.optimizer.zero_grad(set_to_none=True)
+
+
+class AccumulatingTrainer(Trainer):
+    """A Trainer whose step is train_ds.py's with --grad_accum: a host_batch in --accum micro-batches,
+    every pair a negative of every other (train_ds.contrastive_step, PlainEngine in DeepSpeed's place)."""
+
+    def __init__(self, model, args, device):
+        super().__init__(model, args, device)
+        self.engine = PlainEngine(self, args.accum)
+
+    def step(self, images, tokens):
+        micro_batches = list(zip(images.chunk(self.engine.accum), tokens.chunk(self.engine.accum)))
+        return train_ds.contrastive_step(self.engine, self.loss_fn, micro_batches, True) / self.engine.accum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,14 +427,17 @@ def bench_train(args, device, peak):
     torch.manual_seed(0)
     reset_peak_memory(device)
     base = current_memory(device)
-    trainer = Trainer(msclip.create_model(name), args, device)
+    trainer = (AccumulatingTrainer if args.accum > 1 else Trainer)(msclip.create_model(name), args, device)
     config = trainer.model.config
     batch_size = args.batch_size
     if batch_size == "max":
         batch_size = largest_batch(trainer, config, device)
         print(f"{name}: largest batch that fits: {batch_size}")
         reset_peak_memory(device)
-    batch = make_batch(config, batch_size, device, channels_last=args.channels_last)
+    if args.accum > 1:
+        batch = host_batch(config, batch_size, device)
+    else:
+        batch = make_batch(config, batch_size, device, channels_last=args.channels_last)
     (times,), (losses,) = time_steps([trainer], [batch], args.warmup, args.steps)
     memory = peak_memory(device)
     if device.type == "cuda":
@@ -394,13 +447,14 @@ def bench_train(args, device, peak):
     return {"mode": "train", "results": [r]}
 
 
-def run_alone(name, args, warmup, steps, quiet=False):
+def run_alone(name, args, warmup, steps, quiet=False, accum=1):
     """bench.py --preset name in a fresh process (its peak memory is its own); its result dict."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, __file__, "--preset", name, "--batch-size", str(args.batch_size),
                    "--precision", args.precision, "--device", args.device, "--warmup", str(warmup),
-                   "--steps", str(steps), "--fused-adamw", str(args.fused_adamw), "--json", str(out)]
+                   "--steps", str(steps), "--fused-adamw", str(args.fused_adamw), "--accum", str(accum),
+                   "--json", str(out)]
         command += ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL if quiet else None)
         return json.loads(out.read_text())["results"][0]
@@ -601,6 +655,25 @@ def bench_data(args, device):
             "streaming_peak_rss_above_base": streaming}
 
 
+def bench_accumulation(args):
+    """One batch of --batch-size pairs at once against --accum micro-batches of it, every pair a
+    negative of every other (train_ds.py --grad_accum): peak memory and step time, each in a fresh
+    process. The cache holds only features; the price is one forward more per micro-batch."""
+    def above(r):
+        return r["peak_memory"] - r["memory_before_model"]
+
+    results = {}
+    for accum in (1, args.accum):
+        r = results[accum] = run_alone(args.preset, args, args.warmup, args.steps, quiet=True, accum=accum)
+        print(f"{args.preset}, {accum} x {args.batch_size // accum} pairs, {args.precision}: step "
+              f"{fmt_spread(r['step_s'])}; peak memory {gib(r['peak_memory'])}, {gib(above(r))} above the process "
+              "before the model", flush=True)
+    whole, accumulated = results[1], results[args.accum]
+    print(f"{args.accum} micro-batches: {above(accumulated) / above(whole):.2f}x the memory above the model's start, "
+          f"{accumulated['step_s']['median'] / whole['step_s']['median']:.2f}x the step time")
+    return {"mode": "accumulation", "results": [whole, accumulated]}
+
+
 def zero_model_state_bytes(params, stage, world):
     """fp32 AdamW model states per rank (ZeRO paper): weights 4, gradients 4, two moments 8 bytes
     per parameter; stage 1 partitions the moments, 2 also the gradients, 3 also the weights."""
@@ -690,7 +763,8 @@ def zero_worker(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="train", choices=["train", "textlen", "tokenizer", "zero", "zero-worker", "data"])
+    p.add_argument("--mode", default="train",
+                   choices=["train", "textlen", "tokenizer", "zero", "zero-worker", "data", "accumulation"])
     p.add_argument("--preset", default="msclip-s-b32", choices=list(msclip.PRESETS))
     p.add_argument("--compare", action="store_true", help="time clip-b32 and msclip-s-b32 and print their ratio")
     p.add_argument("--presets", nargs=2, default=["clip-b32", "msclip-s-b32"], help="what --compare compares")
@@ -711,6 +785,9 @@ def parse_args(argv=None):
     p.add_argument("--data-shards", type=int, default=4, help="data mode: JPEG shards written")
     p.add_argument("--data-per-shard", type=int, default=64, help="data mode: JPEGs per shard")
     p.add_argument("--data-workers", type=int, default=1, help="data mode: DataLoader workers of the train_ds.py run")
+    p.add_argument("--accum", type=int, help="train mode: the batch in this many micro-batches, every pair a "
+                                             "negative of every other (train_ds.py --grad_accum; default 1); "
+                                             "accumulation mode: against the batch at once (default 4)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -718,6 +795,9 @@ def parse_args(argv=None):
         args.batch_size = 4 if args.mode.startswith("zero") else 32
     elif args.batch_size != "max":
         args.batch_size = int(args.batch_size)
+    args.accum = args.accum or (4 if args.mode == "accumulation" else 1)
+    if args.accum < 1 or args.accum > 1 and (args.batch_size == "max" or args.batch_size % args.accum):
+        p.error(f"--accum {args.accum} must be >= 1 and divide --batch-size {args.batch_size}")
     args.caption_list = None
     if args.captions:
         args.caption_list = [line.strip() for line in open(args.captions, encoding="utf-8") if line.strip()]
@@ -744,6 +824,8 @@ def main(argv=None):
         result = bench_textlen(args, device)
     elif args.mode == "data":
         result = bench_data(args, device)
+    elif args.mode == "accumulation":
+        result = bench_accumulation(args)
     else:
         result = (bench_compare if args.compare else bench_train)(args, device, matmul_rate(args, device))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
