@@ -10,6 +10,8 @@ How fast msclip trains, and what it costs in memory. A script, like nanoGPT's be
                                         # three kinds of JPEG shards vs PIL's decode (and OpenCLIP), cores per
                                         # GPU; train_ds.py end to end vs the bare step, its data wait
     python bench.py --mode csv --csv-rows 12000000                   # a CC12M-size CSV: start-up, RSS per rank
+    python bench.py --mode accumulation --batch-size 256 --accum 4   # memory and step time: 4 x 64 pairs
+                                        # (train_ds.py --grad_accum 4, every pair a negative) vs 256 at once
     python bench.py --device cuda --precision bf16 --preset msclip-s-b16 --batch-size max
 
 A training step is forward (both towers) + contrastive loss + backward + AdamW step, on one fixed
@@ -39,6 +41,7 @@ from pathlib import Path
 import torch
 
 import msclip
+import train_ds
 
 # Web alt-text style captions (written for this benchmark): 10-17 tokens with SOT/EOT, mean 13.
 CAPTIONS = [
@@ -270,6 +273,18 @@ def make_batch(config, batch_size, device, captions=None, trim=True, seed=0, cha
     return images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
 
 
+def host_batch(config, batch_size, device, seed=0):
+    """A batch as train_ds.py's loader gives it: uint8 images and trimmed tokens on the host (pinned
+    for CUDA), normalised on the device when encoded."""
+    generator = torch.Generator().manual_seed(seed)
+    size = (batch_size, 3, config.image_size, config.image_size)
+    images = torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+    tokens = msclip.trim_padding(caption_tokens(batch_size, None, config.context_length))
+    if device.type == "cuda":
+        images, tokens = images.pin_memory(), tokens.pin_memory()
+    return images, tokens
+
+
 def make_optimizer(model, fused):
     """The project's AdamW groups (MSCLIP.configure_optimizers); fused=True runs one kernel per step."""
     optimizer = model.configure_optimizers(lr=5e-4, weight_decay=0.2)
@@ -318,6 +333,41 @@ def time_steps(trainers, batches, warmup, steps):
             if i >= warmup:
                 times[t].append(time.perf_counter() - start)
     return times, [[float(x) for x in ls] for ls in losses]      # read the losses only now
+
+
+class PlainEngine:
+    """What train_ds.contrastive_step uses of DeepSpeed's engine, in plain PyTorch around a Trainer:
+    the forward under its autocast, backward, and the optimizer step after every `accum` micro-batches."""
+
+    def __init__(self, trainer, accum):
+        self.trainer, self.accum, self.micro_batches = trainer, accum, 0
+        self.module, self.device = trainer.model, trainer.device
+
+    def __call__(self, images, tokens):
+        with self.trainer.autocast():
+            return self.module(images, tokens)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        (loss / self.accum if scale_wrt_gas else loss).backward()
+
+    def step(self):
+        self.micro_batches += 1
+        if self.micro_batches % self.accum == 0:
+            self.trainer.optimizer.step()
+            self.trainer.optimizer.zero_grad(set_to_none=True)
+
+
+class AccumulatingTrainer(Trainer):
+    """A Trainer whose step is train_ds.py's with --grad_accum: a host_batch in --accum micro-batches,
+    every pair a negative of every other (train_ds.contrastive_step, PlainEngine in DeepSpeed's place)."""
+
+    def __init__(self, model, args, device):
+        super().__init__(model, args, device)
+        self.engine = PlainEngine(self, args.accum)
+
+    def step(self, images, tokens):
+        micro_batches = list(zip(images.chunk(self.engine.accum), tokens.chunk(self.engine.accum)))
+        return train_ds.contrastive_step(self.engine, self.loss_fn, micro_batches, True) / self.engine.accum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,14 +449,17 @@ def bench_train(args, device, peak):
     torch.manual_seed(0)
     reset_peak_memory(device)
     base = current_memory(device)
-    trainer = Trainer(msclip.create_model(name), args, device)
+    trainer = (AccumulatingTrainer if args.accum > 1 else Trainer)(msclip.create_model(name), args, device)
     config = trainer.model.config
     batch_size = args.batch_size
     if batch_size == "max":
         batch_size = largest_batch(trainer, config, device)
         print(f"{name}: largest batch that fits: {batch_size}")
         reset_peak_memory(device)
-    batch = make_batch(config, batch_size, device, channels_last=args.channels_last)
+    if args.accum > 1:
+        batch = host_batch(config, batch_size, device)
+    else:
+        batch = make_batch(config, batch_size, device, channels_last=args.channels_last)
     (times,), (losses,) = time_steps([trainer], [batch], args.warmup, args.steps)
     memory = peak_memory(device)
     if device.type == "cuda":
@@ -417,13 +470,14 @@ def bench_train(args, device, peak):
     return {"mode": "train", "results": [r]}
 
 
-def run_alone(name, args, warmup, steps, quiet=False):
+def run_alone(name, args, warmup, steps, quiet=False, accum=1):
     """bench.py --preset name in a fresh process (its peak memory is its own); its result dict."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, __file__, "--preset", name, "--batch-size", str(args.batch_size),
                    "--precision", args.precision, "--device", args.device, "--warmup", str(warmup),
-                   "--steps", str(steps), "--fused-adamw", str(args.fused_adamw), "--json", str(out)]
+                   "--steps", str(steps), "--fused-adamw", str(args.fused_adamw), "--accum", str(accum),
+                   "--json", str(out)]
         command += ["--spec-tflops", str(args.spec_tflops)] if args.spec_tflops else []
         command += ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL if quiet else None)
@@ -540,7 +594,7 @@ def bench_tokenizer(args):
 DATA_KINDS = (("img2dataset's default, 256 x 256 q95", 256, 256, 95), ("480 x 360 photos, q90", 480, 360, 90),
               ("1024 x 768 originals, q90", 1024, 768, 90))
 # The GPU the data mode sizes the cores for: an H200 SXM's dense bf16 peak (NVIDIA's datasheet) at 40% MFU
-H200_BF16_FLOPS, TARGET_MFU = 989e12, 0.40
+TARGET_MFU = 0.40  # the H200 rate that bench.py data sizes cores for
 
 
 def write_photo_shards(folder, shards, per_shard, width, height, quality, seed=0):
@@ -631,15 +685,14 @@ def bench_data(args, device):
     (the machine's load moves under a long run). Then the cores per GPU a pairs/s target needs (by
     default an H200's at 40% MFU, from this preset's FLOPs). With --steps > 0, train_ds.py end to end
     on the first kind against the bare training step: pairs/s and its data wait."""
-    import data
     config = msclip.MSCLIPConfig(**msclip.PRESETS[args.preset])
     batch, total = 64, args.data_shards * args.data_per_shard
     torch.set_num_threads(1)                                     # as in a DataLoader worker
     msclip.default_tokenizer()
     flops = model_flops(config, 17)["total"]
-    target = args.data_pairs_per_s or TARGET_MFU * H200_BF16_FLOPS / (3 * flops)
+    target = args.data_pairs_per_s or TARGET_MFU * SPEC_BF16_TFLOPS["H200"] * 1e12 / (3 * flops)
     print(f"target: {target:,.0f} pairs/s for {args.preset} ("
-          + (f"--data-pairs-per-s" if args.data_pairs_per_s else f"an H200's {H200_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 "
+          + ("--data-pairs-per-s" if args.data_pairs_per_s else f"an H200's {SPEC_BF16_TFLOPS['H200']} TFLOP/s bf16 "
              f"at {TARGET_MFU:.0%} MFU, {flops / 1e9:.2f} GFLOP per pair forward at 17 tokens, x3 for training") + ")")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -772,6 +825,25 @@ def bench_csv(args):
     return {"mode": "csv", "file_bytes": size, **r}
 
 
+def bench_accumulation(args):
+    """One batch of --batch-size pairs at once against --accum micro-batches of it, every pair a
+    negative of every other (train_ds.py --grad_accum): peak memory and step time, each in a fresh
+    process. The cache holds only features; the price is one forward more per micro-batch."""
+    def above(r):
+        return r["peak_memory"] - r["memory_before_model"]
+
+    results = {}
+    for accum in (1, args.accum):
+        r = results[accum] = run_alone(args.preset, args, args.warmup, args.steps, quiet=True, accum=accum)
+        print(f"{args.preset}, {accum} x {args.batch_size // accum} pairs, {args.precision}: step "
+              f"{fmt_spread(r['step_s'])}; peak memory {gib(r['peak_memory'])}, {gib(above(r))} above the process "
+              "before the model", flush=True)
+    whole, accumulated = results[1], results[args.accum]
+    print(f"{args.accum} micro-batches: {above(accumulated) / above(whole):.2f}x the memory above the model's start, "
+          f"{accumulated['step_s']['median'] / whole['step_s']['median']:.2f}x the step time")
+    return {"mode": "accumulation", "results": [whole, accumulated]}
+
+
 def zero_model_state_bytes(params, stage, world):
     """fp32 AdamW model states per rank (ZeRO paper): weights 4, gradients 4, two moments 8 bytes
     per parameter; stage 1 partitions the moments, 2 also the gradients, 3 also the weights."""
@@ -862,7 +934,7 @@ def zero_worker(args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="train", choices=["train", "textlen", "tokenizer", "zero", "zero-worker", "data",
-                                                         "csv"])
+                                                         "csv", "accumulation"])
     p.add_argument("--preset", default="msclip-s-b32", choices=list(msclip.PRESETS))
     p.add_argument("--compare", action="store_true", help="time clip-b32 and msclip-s-b32 and print their ratio")
     p.add_argument("--presets", nargs=2, default=["clip-b32", "msclip-s-b32"], help="what --compare compares")
@@ -891,6 +963,9 @@ def parse_args(argv=None):
     p.add_argument("--openclip-python", help="data mode: a Python with open_clip_torch and webdataset installed, to "
                                              "time OpenCLIP's pipeline on the same shards")
     p.add_argument("--csv-rows", type=int, default=12_000_000, help="csv mode: rows of the generated TSV (CC12M: 12M)")
+    p.add_argument("--accum", type=int, help="train mode: the batch in this many micro-batches, every pair a "
+                                             "negative of every other (train_ds.py --grad_accum; default 1); "
+                                             "accumulation mode: against the batch at once (default 4)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -898,6 +973,9 @@ def parse_args(argv=None):
         args.batch_size = 4 if args.mode.startswith("zero") else 32
     elif args.batch_size != "max":
         args.batch_size = int(args.batch_size)
+    args.accum = args.accum or (4 if args.mode == "accumulation" else 1)
+    if args.accum < 1 or args.accum > 1 and (args.batch_size == "max" or args.batch_size % args.accum):
+        p.error(f"--accum {args.accum} must be >= 1 and divide --batch-size {args.batch_size}")
     args.caption_list = None
     if args.captions:
         args.caption_list = [line.strip() for line in open(args.captions, encoding="utf-8") if line.strip()]
@@ -926,6 +1004,8 @@ def main(argv=None):
         result = bench_data(args, device)
     elif args.mode == "csv":
         result = bench_csv(args)
+    elif args.mode == "accumulation":
+        result = bench_accumulation(args)
     else:
         result = (bench_compare if args.compare else bench_train)(args, device, matmul_rate(args, device))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

@@ -32,6 +32,7 @@ Every default is in the parser below. ds_config.json holds only what DeepSpeed r
 trainer does not set (ZeRO tuning, monitors); --ds_set KEY=JSON changes any of it.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -116,8 +117,13 @@ def build_parser():
     a("--steps", type=int, help=f"optimizer steps in all (default: from --epochs, or {DEMO_STEPS} on the built-in data)")
     a("--epochs", type=int, help="passes over the data (default 1 for CSV and WebDataset)")
     a("--batch_size", type=int, default=64, help="micro-batch per rank")
-    a("--global_batch_size", type=int, help="pairs per optimizer step over all ranks: --grad_accum follows from it")
-    a("--grad_accum", type=int, help="gradient accumulation steps (default 1)")
+    a("--global_batch_size", type=int, help="pairs per optimizer step over all ranks, each a negative of every other: "
+                                            "--grad_accum follows from it")
+    a("--grad_accum", type=int, help="micro-batches per rank and optimizer step (default 1); every pair of all of them "
+                                     "is a negative of every other, at the cost of one extra forward per micro-batch")
+    a("--plain_grad_accum", action="store_true",
+      help="DeepSpeed's plain accumulation instead: each micro-batch is its own contrastive batch (negatives: "
+           "micro-batch x ranks), the --grad_accum gradients averaged; no extra forward")
     a("--lr", type=float, default=1e-3, help="peak learning rate")
     a("--lr_shared", type=float, help="peak learning rate of the weights images and text share (default: --lr)")
     a("--wd", type=float, default=0.05, help="weight decay (not on norms, biases, embeddings, logit scale)")
@@ -483,12 +489,13 @@ def evaluate(engine, eval_sets, args, control):
 
 
 def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics, log):
-    """The training loop, until --steps (or --stop_at) or a stop request: each step feeds
-    --grad_accum micro-batches forward and backward (DeepSpeed averages the gradients over ranks,
-    clips and applies them at the last), clamps the logit scale, then logs, evaluates and
+    """The training loop, until --steps (or --stop_at) or a stop request: each step reads --grad_accum
+    micro-batches, feeds them forward and backward (contrastive_step; DeepSpeed averages the gradients
+    over ranks, clips and applies them at the last), clamps the logit scale, then logs, evaluates and
     checkpoints on their schedules. The loss stays on the device between log steps."""
     dist, device, world_size = torch.distributed, engine.device, torch.distributed.get_world_size()
     loss_fn = msclip.ContrastiveLoss(gather_with_grad=True, local_loss=args.local_loss)
+    whole_batch_negatives = args.grad_accum > 1 and not args.plain_grad_accum
     clamp_logit_scale = distributed.logit_scale_clamp(engine)  # after load_checkpoint: views of the fp32 master
     last = min(args.steps, args.stop_at) if args.stop_at else args.steps
     epoch_size = len(loader.dataset) if args.data_type != "webdataset" else (args.train_samples or math.inf)
@@ -498,6 +505,7 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
     try:
         while progress["step"] < last and not stop.agreed():
             lr = engine.lr_scheduler.get_last_lr()[0]
+            step_batches = []
             for _ in range(args.grad_accum):
                 waiting = time.perf_counter()  # host time only: the data wait needs no device sync
                 images, tokens, skips, positions = next(batches)
@@ -507,15 +515,10 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                     progress["examples"].setdefault(reason, where)
                 for worker, epoch, place in positions:
                     progress["stream"][worker] = (epoch, place)
-                # uint8 from the workers, normalised in fp32 on the device: torch_autocast casts inside the model
-                images = data.normalize_images(images, device, torch.float32)
-                tokens = tokens.to(device, non_blocking=True)  # trimmed to the longest caption by data.collate
-                image_features, text_features, logit_scale = engine(images, tokens)
-                loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
-                engine.backward(loss)
-                engine.step()
-                loss_sum, micro_batches = loss_sum + loss.detach(), micro_batches + 1
-                progress["micro_batches"] += 1
+                step_batches.append((images, tokens))
+            loss_sum = loss_sum + contrastive_step(engine, loss_fn, step_batches, whole_batch_negatives)
+            micro_batches += args.grad_accum
+            progress["micro_batches"] += args.grad_accum
             clamp_logit_scale()
             progress["step"] += 1
             window_steps += 1
@@ -566,6 +569,62 @@ def channels_last_images(model, inputs):
     view in that order (msclip.Adapter), and the maps flatten to tokens without a transpose copy."""
     images, *rest = inputs
     return (images.contiguous(memory_format=torch.channels_last), *rest)
+
+
+def contrastive_step(engine, loss_fn, micro_batches, whole_batch_negatives):
+    """One optimizer step over this rank's micro-batches (uint8 images and tokens as the loader gives
+    them, kept on the host): forward and backward of each, DeepSpeed applying the gradients after the
+    last. Returns the sum of the micro-batches' losses (on the device).
+
+    whole_batch_negatives (--grad_accum K > 1 without --plain_grad_accum): every pair of the K
+    micro-batches of every rank is a negative of every other, as in one batch of K x micro x ranks
+    (OpenCLIP's --accum-freq). Pass 1 encodes each micro-batch without gradient and keeps only its
+    features. Pass 2 encodes each again with gradient, puts its features in place of their cached
+    copy and back-propagates the loss over the whole block (gathered over ranks), not divided by K:
+    the K gradients sum to the gradient of that one loss, and each logged loss is that loss.
+    BatchNorm normalises each micro-batch with its own statistics in both passes; its running
+    statistics move in pass 2 only, once per micro-batch, as without accumulation. Otherwise each
+    micro-batch is its own contrastive batch and DeepSpeed averages the K gradients."""
+    device = engine.device
+
+    def encode(images, tokens):
+        # normalised in fp32 on the device (torch_autocast casts inside the model); the tokens are
+        # trimmed to the longest caption by data.collate
+        features = engine(data.normalize_images(images, device, torch.float32), tokens.to(device, non_blocking=True))
+        return [f.float() for f in features]
+
+    if whole_batch_negatives:
+        with torch.no_grad(), batchnorm_statistics_frozen(engine.module):
+            cached_images, cached_texts = zip(*(encode(images, tokens)[:2] for images, tokens in micro_batches))
+    loss_sum = 0.0
+    for j, (images, tokens) in enumerate(micro_batches):
+        image_features, text_features, logit_scale = encode(images, tokens)
+        if whole_batch_negatives:
+            image_features = torch.cat([*cached_images[:j], image_features, *cached_images[j + 1:]])
+            text_features = torch.cat([*cached_texts[:j], text_features, *cached_texts[j + 1:]])
+            # The logit scale is live in all K losses (each micro-batch's features in one only): each
+            # of its K gradients is already the whole one
+            logit_scale.register_hook(lambda grad: grad / len(micro_batches))
+        loss = loss_fn(image_features, text_features, logit_scale)
+        engine.backward(loss, scale_wrt_gas=not whole_batch_negatives)
+        engine.step()
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum
+
+
+@contextlib.contextmanager
+def batchnorm_statistics_frozen(model):
+    """BatchNorm in train mode normalises with the batch's own statistics but leaves its running
+    statistics and num_batches_tracked as they are (PyTorch's behaviour with track_running_stats off)."""
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 def record(metrics, entry):
@@ -694,11 +753,13 @@ def main(argv=None):
         distributed.trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), progress["step"])
         metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
     c = model_config
+    negatives = ", plain: negatives within each micro-batch" if args.plain_grad_accum and args.grad_accum > 1 else ""
     log(f"MS-CLIP {args.preset or DEFAULT_PRESET}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"parameters, {c.layers} layers, width {c.vision_width}, {c.image_size} px | {args.data_type} data | ZeRO "
         f"{args.zero_stage}, {args.precision}, {world_size} rank(s) on {engine.device.type} | {args.steps} steps x "
-        f"{args.global_batch_size} pairs ({args.batch_size} per rank x {args.grad_accum} accumulation), lr {args.lr:g} "
-        f"(shared {args.lr_shared:g}), warm-up {warmup} | {args.workers} DataLoader worker(s) per rank ({workers_why})")
+        f"{args.global_batch_size} pairs ({args.batch_size} per rank x {args.grad_accum} accumulation{negatives}), "
+        f"lr {args.lr:g} (shared {args.lr_shared:g}), warm-up {warmup} | {args.workers} DataLoader worker(s) per rank "
+        f"({workers_why})")
 
     # Train; then export and the final evaluation, or, when asked to stop, only the checkpoint
     # (schedulers SIGKILL about 30 s after their notice)

@@ -12,7 +12,7 @@ ZeRO 1/2 gradient buckets and the elements each reduces, by type, see recording_
 {"name", "reference": {...}}: the same
 training re-computed in plain PyTorch, one process holding the global batch, without DeepSpeed and
 without train_ds's loop (only the definition of the data: shapes.SyntheticCaptions,
-shapes.minimal_pair_batches, data.normalize_images). Rank 0
+shapes.minimal_pair_batches or data.epoch_batches, data.normalize_images). Rank 0
 writes {name: result} to PATH.
 """
 import json
@@ -35,8 +35,14 @@ import train_ds  # noqa: E402
 
 def reference(o):
     """Plain-PyTorch training on the built-in data: AdamW with MS-CLIP's groups, linear warm-up +
-    cosine, gradient accumulation (mean over micro-batches), global-norm clipping, logit scale
-    clamped at ln(100) after each step."""
+    cosine, global-norm clipping, logit scale clamped at ln(100) after each step. A step reads
+    o["accum"] global micro-batches of o["global_micro"] pairs, each cut into o["ranks"] (default 1)
+    rank slices that BatchNorm normalises on their own, moving that rank's running statistics (the
+    model ends with rank 0's, those the trainer exports). o["accumulation"]: "contrastive" (default)
+    takes one loss over all the step's pairs; "plain" one loss per global micro-batch, the gradients
+    averaged. o["save"]: write the final model there (msclip.save_checkpoint).
+    o["pass1_moves_statistics"]: a wrong trainer, for blindness checks: every rank slice also goes
+    through the model once without gradient before the step, moving the running statistics twice."""
     torch.manual_seed(o["seed"])
     model = msclip.create_model(o["preset"], **o.get("overrides", {}))
     if o.get("logit_scale_init") is not None:
@@ -52,29 +58,61 @@ def reference(o):
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     renders = shapes.SyntheticCaptions("train", length=o["samples"], image_size=model.config.image_size, seed=o["seed"])
-    groups = tuple(int(v) for v in o["hard_negatives"].split("x"))
-    order = ((epoch, batch) for epoch in range(1000)
-             for batch in shapes.minimal_pair_batches(len(renders), o["global_micro"], o["seed"], epoch, *groups))
+    def epoch_batches(epoch):  # train_ds's order: data.train_loader
+        if o["hard_negatives"] == "none":
+            return data.epoch_batches(len(renders), o["global_micro"], o["seed"], epoch)
+        groups = tuple(int(v) for v in o["hard_negatives"].split("x"))
+        return shapes.minimal_pair_batches(len(renders), o["global_micro"], o["seed"], epoch, *groups)
+
+    order = ((epoch, batch) for epoch in range(1000) for batch in epoch_batches(epoch))
+    ranks = o.get("ranks", 1)
+    micro = o["global_micro"] // ranks
+    statistics = [dict(model.named_buffers()) for _ in range(ranks)]
+
+    def use_statistics(rank):
+        """Rank `rank`'s BatchNorm statistics in the model, as copies: a forward moves them in place,
+        and autograd checks that what an earlier forward read is unchanged."""
+        for name, value in statistics[rank].items():
+            module, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(module), attribute, value.clone())
+
+    def encode(epoch, indices, rank):
+        """One rank slice through the model, moving that rank's BatchNorm statistics."""
+        use_statistics(rank)
+        samples = [renders[(epoch, i)] for i in indices]
+        out = model(data.normalize_images(torch.stack([s[0] for s in samples])), torch.stack([s[1] for s in samples]))
+        statistics[rank] = dict(model.named_buffers())
+        return out
+
     loss_fn = msclip.ContrastiveLoss()
     losses, scales, norms = [], [], []
     for _ in range(steps):
-        total = 0.0
-        for _ in range(o["accum"]):
-            epoch, batch = next(order)
-            samples = [renders[(epoch, i)] for i in batch]
-            images = data.normalize_images(torch.stack([s[0] for s in samples]))
-            tokens = torch.stack([s[1] for s in samples])
-            loss = loss_fn(*model(images, tokens))
-            (loss / o["accum"]).backward()
-            total += loss.item()
+        slices = [(epoch, batch[r * micro: (r + 1) * micro], r) for epoch, batch in
+                  (next(order) for _ in range(o["accum"])) for r in range(ranks)]
+        if o.get("pass1_moves_statistics"):
+            with torch.no_grad():
+                for piece in slices:
+                    encode(*piece)
+        outputs = [encode(*piece) for piece in slices]
+        logit_scale = outputs[0][2]
+        if o.get("accumulation", "contrastive") == "contrastive":
+            loss = loss_fn(torch.cat([out[0] for out in outputs]), torch.cat([out[1] for out in outputs]), logit_scale)
+        else:
+            per_micro = [outputs[j: j + ranks] for j in range(0, len(outputs), ranks)]
+            loss = sum(loss_fn(torch.cat([out[0] for out in part]), torch.cat([out[1] for out in part]), logit_scale)
+                       for part in per_micro) / o["accum"]
+        loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])))
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(max=math.log(100))
-        losses.append(total / o["accum"])
+        losses.append(loss.item())
         scales.append(model.logit_scale.item())
+    use_statistics(0)
+    if o.get("save"):
+        msclip.save_checkpoint(model, o["save"])
     return {"losses": losses, "logit_scales": scales, "grad_norms": norms}
 
 

@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import data
 import msclip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,6 +108,31 @@ def test_compare_mode_runs_train_mode_per_preset(tmp_path, capsys, monkeypatch):
         assert r["batch_size"] == 4 and len(r["losses"]) == 1 and all(math.isfinite(x) for x in r["losses"])
         assert r["flops_per_pair"] == bench.model_flops(config, r["text_tokens"])
         assert r["peak_memory"] > r["memory_before_model"] > 0 and r["pairs_per_s"] > 0 and r["mfu"] > 0
+
+
+def test_accumulated_step_is_the_whole_batch_step():
+    """What --accum measures is train_ds.contrastive_step, and on a BatchNorm-free model its step over
+    4 micro-batches is the step over the whole batch: the same loss and gradients (compared in AdamW's
+    first moment, 0.1 x the gradient after one step, since the first update of each weight is about
+    lr x the sign of its gradient, which amplifies the rounding of gradients near zero)."""
+    args = bench.parse_args(["--preset", "clip-tiny", "--batch-size", "8", "--accum", "4"])
+    torch.manual_seed(0)
+    model = msclip.create_model("clip-tiny", layers=2)
+    trainers = [bench.Trainer(model, args, torch.device("cpu")),
+                bench.AccumulatingTrainer(copy.deepcopy(model), args, torch.device("cpu"))]
+    images, tokens = bench.host_batch(model.config, 8, torch.device("cpu"))
+    losses = [trainers[0].step(data.normalize_images(images), tokens), trainers[1].step(images, tokens)]
+    assert losses[1].item() == pytest.approx(losses[0].item(), abs=1e-6)
+    moments = [torch.cat([t.optimizer.state[p]["exp_avg"].flatten() for p in t.model.parameters()]) for t in trainers]
+    assert (moments[0] - moments[1]).abs().max() <= 1e-4 * moments[0].abs().max()  # rounding: 3e-5 measured
+
+
+def test_accumulation_mode(monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                 # for the two bench.py processes it starts
+    result = bench.main(["--mode", "accumulation", "--preset", "clip-tiny", "--batch-size", "8", "--warmup", "0",
+                         "--steps", "1"])
+    assert [r["batch_size"] for r in result["results"]] == [8, 8]
+    assert "4 x 2 pairs" in capsys.readouterr().out
 
 
 def test_largest_batch_search_is_for_cuda_only():
