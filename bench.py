@@ -6,8 +6,12 @@ How fast msclip trains, and what it costs in memory. A script, like nanoGPT's be
     python bench.py --mode textlen                           # text at caption length vs padded to 77 tokens
     python bench.py --mode tokenizer --captions caps.txt     # captions/s (built-in captions without a file)
     python bench.py --mode zero                              # ZeRO 0/1/2/3 on 1 and 2 CPU ranks: memory per rank
-    python bench.py --mode data --preset msclip-s-b32 --batch-size 16   # data pipeline: samples/s per
-                                        # worker on JPEG shards; train_ds.py end to end vs the bare step
+    python bench.py --mode data --preset msclip-s-b32 --batch-size 16   # data pipeline: samples per core on
+                                        # three kinds of JPEG shards vs PIL's decode (and OpenCLIP), cores per
+                                        # GPU; train_ds.py end to end vs the bare step, its data wait
+    python bench.py --mode csv --csv-rows 12000000                   # a CC12M-size CSV: start-up, RSS per rank
+    python bench.py --mode accumulation --batch-size 256 --accum 4   # memory and step time: 4 x 64 pairs
+                                        # (train_ds.py --grad_accum 4, every pair a negative) vs 256 at once
     python bench.py --device cuda --precision bf16 --preset msclip-s-b16 --batch-size max
 
 A training step is forward (both towers) + contrastive loss + backward + AdamW step, on one fixed
@@ -37,6 +41,7 @@ from pathlib import Path
 import torch
 
 import msclip
+import train_ds
 
 # Web alt-text style captions (written for this benchmark): 10-17 tokens with SOT/EOT, mean 13.
 CAPTIONS = [
@@ -140,6 +145,23 @@ def model_flops(config, text_tokens):
     """Forward FLOPs per image-text pair, by tower."""
     image, text = image_flops(config), text_flops(config, text_tokens)
     return {"image": image, "text": text, "total": image + text}
+
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks from the vendors' datasheets (SXM parts), TFLOP/s: the
+# peak MFU figures in papers divide by. The matmul rate measured on the device is lower (about 790 on
+# an H200), so bench.py reports MFU against both.
+SPEC_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312}
+
+
+def spec_peak_flops(device, precision, override_tflops=None):
+    """The datasheet's dense peak for this device and precision (FLOP/s), or None where unknown (CPUs,
+    fp32, an unlisted GPU): `override_tflops` (bench.py's --spec-tflops) gives it by hand."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for chip, tflops in SPEC_BF16_TFLOPS.items() if chip in name), None)
 
 
 def estimate_mfu(flops_per_pair, pairs_per_s, peak_flops):
@@ -251,6 +273,18 @@ def make_batch(config, batch_size, device, captions=None, trim=True, seed=0, cha
     return images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
 
 
+def host_batch(config, batch_size, device, seed=0):
+    """A batch as train_ds.py's loader gives it: uint8 images and trimmed tokens on the host (pinned
+    for CUDA), normalised on the device when encoded."""
+    generator = torch.Generator().manual_seed(seed)
+    size = (batch_size, 3, config.image_size, config.image_size)
+    images = torch.randint(0, 256, size, dtype=torch.uint8, generator=generator)
+    tokens = msclip.trim_padding(caption_tokens(batch_size, None, config.context_length))
+    if device.type == "cuda":
+        images, tokens = images.pin_memory(), tokens.pin_memory()
+    return images, tokens
+
+
 def make_optimizer(model, fused):
     """The project's AdamW groups (MSCLIP.configure_optimizers); fused=True runs one kernel per step."""
     optimizer = model.configure_optimizers(lr=5e-4, weight_decay=0.2)
@@ -299,6 +333,41 @@ def time_steps(trainers, batches, warmup, steps):
             if i >= warmup:
                 times[t].append(time.perf_counter() - start)
     return times, [[float(x) for x in ls] for ls in losses]      # read the losses only now
+
+
+class PlainEngine:
+    """What train_ds.contrastive_step uses of DeepSpeed's engine, in plain PyTorch around a Trainer:
+    the forward under its autocast, backward, and the optimizer step after every `accum` micro-batches."""
+
+    def __init__(self, trainer, accum):
+        self.trainer, self.accum, self.micro_batches = trainer, accum, 0
+        self.module, self.device = trainer.model, trainer.device
+
+    def __call__(self, images, tokens):
+        with self.trainer.autocast():
+            return self.module(images, tokens)
+
+    def backward(self, loss, scale_wrt_gas=True):
+        (loss / self.accum if scale_wrt_gas else loss).backward()
+
+    def step(self):
+        self.micro_batches += 1
+        if self.micro_batches % self.accum == 0:
+            self.trainer.optimizer.step()
+            self.trainer.optimizer.zero_grad(set_to_none=True)
+
+
+class AccumulatingTrainer(Trainer):
+    """A Trainer whose step is train_ds.py's with --grad_accum: a host_batch in --accum micro-batches,
+    every pair a negative of every other (train_ds.contrastive_step, PlainEngine in DeepSpeed's place)."""
+
+    def __init__(self, model, args, device):
+        super().__init__(model, args, device)
+        self.engine = PlainEngine(self, args.accum)
+
+    def step(self, images, tokens):
+        micro_batches = list(zip(images.chunk(self.engine.accum), tokens.chunk(self.engine.accum)))
+        return train_ds.contrastive_step(self.engine, self.loss_fn, micro_batches, True) / self.engine.accum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,22 +419,25 @@ def largest_batch(trainer, config, device, start=64):
     return good
 
 
-def report(name, config, batch_size, tokens, times, losses, peak, memory, base, precision):
-    """Print one preset's figures and return them as a dict."""
+def report(name, config, batch_size, tokens, times, losses, peak, memory, base, precision, spec=None):
+    """Print one preset's figures and return them as a dict. MFU is over the measured matmul rate
+    `peak` ("mfu") and over the datasheet's `spec` peak where known ("mfu_spec", else None)."""
     pairs = batch_size / statistics.median(times)
     flops = model_flops(config, tokens)
     r = {"preset": name, "batch_size": batch_size, "text_tokens": tokens, "step_s": spread(times),
          "pairs_per_s": pairs, "pairs_per_s_min": batch_size / max(times), "pairs_per_s_max": batch_size / min(times),
          "flops_per_pair": flops, "achieved_flops": 3 * flops["total"] * pairs,
-         "mfu": estimate_mfu(flops["total"], pairs, peak), "matmul_flops": peak, "peak_memory": memory,
-         "memory_before_model": base, "losses": losses}
+         "mfu": estimate_mfu(flops["total"], pairs, peak), "matmul_flops": peak,
+         "mfu_spec": estimate_mfu(flops["total"], pairs, spec) if spec else None, "spec_flops": spec,
+         "peak_memory": memory, "memory_before_model": base, "losses": losses}
     print(f"{name}: batch {batch_size}, text at {tokens} tokens, {precision}")
     print(f"  step            {fmt_spread(r['step_s'])}")
     print(f"  pairs/s         {pairs:.2f} (min {r['pairs_per_s_min']:.2f}, max {r['pairs_per_s_max']:.2f})")
     print(f"  forward GFLOPs  image {flops['image'] / 1e9:.2f} + text {flops['text'] / 1e9:.2f} "
           f"= {flops['total'] / 1e9:.2f} per pair (a training step: 3x)")
     print(f"  achieved        {r['achieved_flops'] / 1e12:.3f} TFLOP/s, MFU {100 * r['mfu']:.1f}% "
-          f"of the measured {peak / 1e12:.3f} TFLOP/s matmul rate")
+          f"of the measured {peak / 1e12:.3f} TFLOP/s matmul rate" +
+          (f", {100 * r['mfu_spec']:.1f}% of the {spec / 1e12:.0f} TFLOP/s datasheet peak" if spec else ""))
     print(f"  peak memory     {gib(memory)} ({gib(memory - base)} above the {gib(base)} before the model "
           f"was built)", flush=True)
     return r
@@ -377,30 +449,36 @@ def bench_train(args, device, peak):
     torch.manual_seed(0)
     reset_peak_memory(device)
     base = current_memory(device)
-    trainer = Trainer(msclip.create_model(name), args, device)
+    trainer = (AccumulatingTrainer if args.accum > 1 else Trainer)(msclip.create_model(name), args, device)
     config = trainer.model.config
     batch_size = args.batch_size
     if batch_size == "max":
         batch_size = largest_batch(trainer, config, device)
         print(f"{name}: largest batch that fits: {batch_size}")
         reset_peak_memory(device)
-    batch = make_batch(config, batch_size, device, channels_last=args.channels_last)
+    if args.accum > 1:
+        batch = host_batch(config, batch_size, device)
+    else:
+        batch = make_batch(config, batch_size, device, channels_last=args.channels_last)
     (times,), (losses,) = time_steps([trainer], [batch], args.warmup, args.steps)
     memory = peak_memory(device)
     if device.type == "cuda":
         print(f"  host syncs in one step: {count_host_syncs(trainer, batch)}")
     peak = max(peak, matmul_rate(args, device))
-    r = report(name, config, batch_size, batch[1].shape[1], times, losses, peak, memory, base, args.precision)
+    r = report(name, config, batch_size, batch[1].shape[1], times, losses, peak, memory, base, args.precision,
+               spec_peak_flops(device, args.precision, args.spec_tflops))
     return {"mode": "train", "results": [r]}
 
 
-def run_alone(name, args, warmup, steps, quiet=False):
+def run_alone(name, args, warmup, steps, quiet=False, accum=1):
     """bench.py --preset name in a fresh process (its peak memory is its own); its result dict."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [sys.executable, __file__, "--preset", name, "--batch-size", str(args.batch_size),
                    "--precision", args.precision, "--device", args.device, "--warmup", str(warmup),
-                   "--steps", str(steps), "--fused-adamw", str(args.fused_adamw), "--json", str(out)]
+                   "--steps", str(steps), "--fused-adamw", str(args.fused_adamw), "--accum", str(accum),
+                   "--json", str(out)]
+        command += ["--spec-tflops", str(args.spec_tflops)] if args.spec_tflops else []
         command += ["--compile"] * args.compile + ["--channels-last"] * args.channels_last
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL if quiet else None)
         return json.loads(out.read_text())["results"][0]
@@ -421,7 +499,8 @@ def bench_compare(args, device, peak):
         times, losses = time_steps(trainers, batches, args.warmup, args.steps)
         peak = max(peak, matmul_rate(args, device))
         results = [report(name, t.model.config, args.batch_size, batch[1].shape[1], ts, ls, peak,
-                          alone[name]["peak_memory"], alone[name]["memory_before_model"], args.precision)
+                          alone[name]["peak_memory"], alone[name]["memory_before_model"], args.precision,
+                          spec_peak_flops(device, args.precision, args.spec_tflops))
                    for name, t, batch, ts, ls in zip(args.presets, trainers, batches, times, losses)]
     clip, ms = results
     print(f"{ms['preset']} / {clip['preset']}: {ms['pairs_per_s'] / clip['pairs_per_s']:.3f}x pairs/s, "
@@ -511,9 +590,16 @@ def bench_tokenizer(args):
 # ZeRO: one launch per (ranks, stage), each rank reports its peak memory and step time
 # ----------------------------------------------------------------------------------------------
 
-def write_photo_shards(folder, shards, per_shard, seed=0):
-    """img2dataset-style shards of JPEGs (quality 90) 256-512 px a side: smoothed noise under a few
-    filled shapes, so that the bytes and the decode cost are a photo's rather than a flat render's."""
+# JPEG shards the data mode reads: (name, width, height, JPEG quality)
+DATA_KINDS = (("img2dataset's default, 256 x 256 q95", 256, 256, 95), ("480 x 360 photos, q90", 480, 360, 90),
+              ("1024 x 768 originals, q90", 1024, 768, 90))
+# The GPU the data mode sizes the cores for: an H200 SXM's dense bf16 peak (NVIDIA's datasheet) at 40% MFU
+TARGET_MFU = 0.40  # the H200 rate that bench.py data sizes cores for
+
+
+def write_photo_shards(folder, shards, per_shard, width, height, quality, seed=0):
+    """img2dataset-style shards of width x height JPEGs: smoothed noise under a few filled shapes, so
+    that the bytes and the decode cost are a photo's rather than a flat render's."""
     import io
     import random
     import tarfile
@@ -521,10 +607,11 @@ def write_photo_shards(folder, shards, per_shard, seed=0):
     import shapes
     rng = random.Random(seed)
     noise = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
         with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
             for j in range(per_shard):
-                w, h = rng.randint(256, 512), rng.randint(256, 512)
+                w, h = width, height
                 pixels = torch.randint(0, 256, (h // 4, w // 4, 3), generator=noise, dtype=torch.uint8).numpy()
                 image = Image.fromarray(pixels).resize((w, h), Image.BILINEAR).filter(ImageFilter.GaussianBlur(2))
                 draw = ImageDraw.Draw(image)
@@ -534,7 +621,7 @@ def write_photo_shards(folder, shards, per_shard, seed=0):
                     shapes.draw_shape(draw, rng.choice(shapes.SHAPES), rng.uniform(r, w - r), rng.uniform(r, h - r), r,
                                     rng.uniform(-0.3, 0.3), colour, (0, 0, 0))
                 encoded = io.BytesIO()
-                image.save(encoded, format="JPEG", quality=90)
+                image.save(encoded, format="JPEG", quality=quality)
                 for name, payload in ((f"{s:05d}{j:04d}.jpg", encoded.getvalue()),
                                       (f"{s:05d}{j:04d}.txt", CAPTIONS[(s + j) % len(CAPTIONS)].encode())):
                     info = tarfile.TarInfo(name)
@@ -543,62 +630,218 @@ def write_photo_shards(folder, shards, per_shard, seed=0):
     return str(folder / ("{00000..%05d}.tar" % (shards - 1)))
 
 
-def bench_data(args, device):
-    """The data pipeline on JPEG shards: samples/s of one DataLoader worker (read, decode, random
-    resized crop to the preset's size, uint8, tokenize), then train_ds.py end to end on the same
-    shards against the bare training step of the same preset and batch."""
+# OpenCLIP's training pipeline (get_wds_dataset, image_transform, tokenizer) on the same shards, one
+# pass in this process after a warm-up pass: run by the interpreter --openclip-python names (OpenCLIP
+# is no dependency of this project). argv: shards, samples, image size, batch. Prints samples/s per
+# CPU-second and wall.
+OPENCLIP_PASS = r"""
+import sys, time, types, torch
+import open_clip
+from open_clip_train.data import get_wds_dataset
+torch.set_num_threads(1)
+spec, samples, size, batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+args = types.SimpleNamespace(train_data=spec, val_data=None, dataset_resampled=False, train_num_samples=samples,
+                             train_data_upsampling_factors=None, seed=0, batch_size=batch, world_size=1, workers=0)
+transform = open_clip.image_transform(size, is_train=True)
+loader = get_wds_dataset(args, transform, True, tokenizer=open_clip.get_tokenizer("ViT-B-32")).dataloader
+sum(len(b[0]) for b in loader)
+wall, cpu = time.perf_counter(), time.process_time()
+count = sum(len(b[0]) for b in loader)
+print(count / (time.process_time() - cpu), count / (time.perf_counter() - wall))
+"""
+
+
+def data_rates(spec, image_size, batch, samples):
+    """(samples per CPU-second, per wall second) of this project's pipeline, one pass in this process
+    after a warm-up pass: data.train_loader without workers (what each worker does: tar read,
+    decode, random resized crop, uint8, tokenize, collate), one thread."""
     import itertools
     import data
+    stream = data.open_train_data("webdataset", spec, image_size, shuffle_buffer=samples)
+    for timed in (False, True):
+        loader = data.train_loader(stream, batch, 0, 1, 0)
+        wall, cpu = time.perf_counter(), time.process_time()
+        count = sum(len(b[0]) for b in itertools.islice(loader, samples // batch))
+        if timed:
+            return count / (time.process_time() - cpu), count / (time.perf_counter() - wall)
+
+
+def decode_floor(spec):
+    """JPEGs fully decoded by PIL per CPU-second, nothing else: the most a worker could deliver."""
+    import io
+    import data
+    from PIL import Image
+    jpegs = [files["jpg"] for shard in data.expand_shards(spec) for _, files in data.read_tar(shard)]
+    cpu = time.process_time()
+    for jpeg in jpegs:
+        Image.open(io.BytesIO(jpeg)).load()
+    return len(jpegs) / (time.process_time() - cpu)
+
+
+def bench_data(args, device):
+    """The data pipeline per core, on JPEG shards of DATA_KINDS: this project's samples per CPU-second
+    (one worker's work, in this process), PIL's full-decode floor, and with --openclip-python
+    OpenCLIP's pipeline on the same shards; --data-rounds rounds, the pipelines interleaved in each
+    (the machine's load moves under a long run). Then the cores per GPU a pairs/s target needs (by
+    default an H200's at 40% MFU, from this preset's FLOPs). With --steps > 0, train_ds.py end to end
+    on the first kind against the bare training step: pairs/s and its data wait."""
     config = msclip.MSCLIPConfig(**msclip.PRESETS[args.preset])
+    batch, total = 64, args.data_shards * args.data_per_shard
+    torch.set_num_threads(1)                                     # as in a DataLoader worker
+    msclip.default_tokenizer()
+    flops = model_flops(config, 17)["total"]
+    target = args.data_pairs_per_s or TARGET_MFU * SPEC_BF16_TFLOPS["H200"] * 1e12 / (3 * flops)
+    print(f"target: {target:,.0f} pairs/s for {args.preset} ("
+          + ("--data-pairs-per-s" if args.data_pairs_per_s else f"an H200's {SPEC_BF16_TFLOPS['H200']} TFLOP/s bf16 "
+             f"at {TARGET_MFU:.0%} MFU, {flops / 1e9:.2f} GFLOP per pair forward at 17 tokens, x3 for training") + ")")
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        spec = write_photo_shards(Path(tmp), args.data_shards, args.data_per_shard)
-        total = args.data_shards * args.data_per_shard
-        megabytes = sum(f.stat().st_size for f in Path(tmp).glob("*.tar")) / 2 ** 20
-        print(f"{total} JPEGs (256-512 px, {megabytes / total * 1024:.0f} KiB each) in {args.data_shards} shards")
-        cpu_device = torch.device("cpu")
-        msclip.default_tokenizer()
-        reset_peak_memory(cpu_device)
-        base = current_memory(cpu_device)
-        stream = data.ShardStream(data.expand_shards(spec), config.image_size, shuffle_buffer=total)
-        list(itertools.islice(iter(stream), 16))                     # warm: tokenizer, PIL plugins
-        threads, rates = torch.get_num_threads(), []
-        torch.set_num_threads(1)                                     # as in a DataLoader worker
-        for _ in range(3):
-            wall, cpu = time.perf_counter(), time.process_time()
-            count = sum(1 for _ in itertools.islice(iter(stream), total))
-            rates.append((count / (time.perf_counter() - wall), count / (time.process_time() - cpu)))
-        torch.set_num_threads(threads)
-        per_worker = max(r for r, _ in rates)
-        per_cpu_second = statistics.median(c for _, c in rates)
-        streaming = peak_memory(cpu_device) - base
-        print(f"streaming with all {total} samples in the shuffle buffer ({megabytes:.1f} MiB of JPEG bytes): "
-              f"peak RSS {streaming / 2 ** 20:.1f} MiB above the process before")
-        print(f"one worker, {config.image_size} px: {per_worker:.0f} samples/s wall (best of 3), "
-              f"{per_cpu_second:.0f} per CPU-second")
-        batch = args.batch_size
-        torch.manual_seed(0)
-        trainer = Trainer(msclip.create_model(args.preset), args, device)
-        model_batch = make_batch(trainer.model.config, batch, device)
-        (times,), _ = time_steps([trainer], [model_batch], args.warmup, args.steps)
-        bare = batch / statistics.median(times)
-        del trainer
-        gc.collect()
+        specs = [write_photo_shards(Path(tmp) / f"kind{i}", args.data_shards, args.data_per_shard, w, h, q)
+                 for i, (_, w, h, q) in enumerate(DATA_KINDS)]
+        rates = {name: {"msclip": [], "floor": [], "openclip": []} for name, *_ in DATA_KINDS}
+        for _ in range(args.data_rounds):
+            for (name, *_), spec in zip(DATA_KINDS, specs):
+                rates[name]["msclip"].append(data_rates(spec, config.image_size, batch, total))
+                if args.openclip_python:
+                    proc = subprocess.run([args.openclip_python, "-c", OPENCLIP_PASS, spec, str(total),
+                                           str(config.image_size), str(batch)], capture_output=True, text=True)
+                    if proc.returncode:
+                        raise SystemExit(f"OpenCLIP's pass failed:\n{proc.stderr[-3000:]}")
+                    rates[name]["openclip"].append(tuple(float(v) for v in proc.stdout.split()[-2:]))
+                rates[name]["floor"].append(decode_floor(spec))
+        print(f"per core ({config.image_size} px train crop, {total} samples a pass, median of {args.data_rounds} "
+              f"interleaved rounds; samples per CPU-second, wall in brackets; load average {os.getloadavg()[0]:.1f}):")
+        for name, w, h, q in DATA_KINDS:
+            r = rates[name]
+            mine, floor = statistics.median(c for c, _ in r["msclip"]), statistics.median(r["floor"])
+            line = (f"  {name}: PIL decode alone {floor:,.0f}/s | msclip {mine:,.0f}/s "
+                    f"({statistics.median(w for _, w in r['msclip']):,.0f} wall, {mine / floor:.0%} of the floor)")
+            theirs = statistics.median(c for c, _ in r["openclip"]) if r["openclip"] else None
+            if theirs:
+                line += (f" | OpenCLIP {theirs:,.0f}/s ({statistics.median(w for _, w in r['openclip']):,.0f} wall)"
+                         f" | msclip / OpenCLIP {mine / theirs:.2f}x")
+            print(line + f" | cores per GPU at {target:,.0f} pairs/s: {target / mine:.1f} workers + 1 for the rank")
+            results.append({"kind": name, "width": w, "height": h, "quality": q, "floor_per_cpu_s": floor,
+                            "msclip_per_cpu_s": mine, "openclip_per_cpu_s": theirs, "rounds": r,
+                            "cores_per_gpu": target / mine + 1})
+        result = {"mode": "data", "preset": args.preset, "image_size": config.image_size, "target_pairs_per_s": target,
+                  "kinds": results}
+        if args.steps > 0:
+            result.update(end_to_end(args, device, specs[0], config))
+    return result
+
+
+def end_to_end(args, device, spec, config):
+    """train_ds.py on `spec` with --data-workers workers against the bare step of the same preset and
+    batch: pairs/s, and the share of the time the loop waited for data (metrics.jsonl's data_wait)."""
+    batch = args.batch_size
+    torch.manual_seed(0)
+    trainer = Trainer(msclip.create_model(args.preset), args, device)
+    (times,), _ = time_steps([trainer], [make_batch(trainer.model.config, batch, device)], args.warmup, args.steps)
+    bare = batch / statistics.median(times)
+    del trainer
+    gc.collect()
+    with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "train"
-        steps = args.warmup + args.steps
         command = [sys.executable, str(Path(__file__).with_name("train_ds.py")), "--preset", args.preset,
-                   "--train_data", spec, "--batch_size", str(batch), "--steps", str(steps), "--log_every",
-                   str(args.warmup), "--eval_every", "-1", "--save_every", "0", "--zero_stage", "0", "--precision",
-                   args.precision, "--workers", str(args.data_workers), "--lr", "1e-4", "--out_dir", str(out)]
+                   "--train_data", spec, "--batch_size", str(batch), "--steps", str(args.warmup + args.steps),
+                   "--log_every", str(max(1, args.warmup)), "--eval_every", "-1", "--save_every", "0", "--zero_stage",
+                   "0", "--precision", args.precision, "--workers", str(args.data_workers), "--lr", "1e-4",
+                   "--out_dir", str(out)]
         subprocess.run(command, check=True, capture_output=True, text=True)
-        entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        end_to_end = statistics.mean(e["pairs_per_s"] for e in entries[1:])  # after the warm-up window
+        entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after warm-up
+    end = statistics.mean(e["pairs_per_s"] for e in entries)
+    wait = statistics.mean(e["data_wait"] for e in entries)
     print(f"{args.preset}, batch {batch}, {args.precision}: bare step {bare:.2f} pairs/s (median of {args.steps}); "
-          f"train_ds.py with {args.data_workers} worker(s) {end_to_end:.2f} pairs/s ({end_to_end / bare:.0%}); "
-          f"workers needed to feed the bare step: {bare / per_cpu_second:.2f} (at a worker's CPU-second rate)")
-    return {"mode": "data", "preset": args.preset, "image_size": config.image_size, "batch_size": batch,
-            "samples_per_s_per_worker": per_worker, "samples_per_cpu_second": per_cpu_second, "rates": rates, "bare_pairs_per_s": bare,
-            "train_ds_pairs_per_s": end_to_end, "workers": args.data_workers, "jpeg_kib": megabytes / total * 1024,
-            "streaming_peak_rss_above_base": streaming}
+          f"train_ds.py with {args.data_workers} worker(s) {end:.2f} pairs/s ({end / bare:.0%}), data wait {wait:.0%}")
+    return {"batch_size": batch, "bare_pairs_per_s": bare, "train_ds_pairs_per_s": end, "data_wait": wait,
+            "workers": args.data_workers}
+
+
+# One rank reading a CSV (argv: the file, this repository): start-up seconds, peak and retained RSS
+# above the process before; then a forked child reads 200,000 random rows as a DataLoader worker
+# does, and reports the memory it had to copy (Private_Dirty: pages the rank's objects shared until touched).
+CSV_RANK = r"""
+import json, os, random, resource, sys, time
+sys.path.insert(0, sys.argv[2])
+import data
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def private():
+    with open("/proc/self/smaps_rollup") as f:
+        return sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Private_Dirty"))
+
+base = rss()
+start = time.perf_counter()
+table = data.CsvCaptions(sys.argv[1])
+seconds = time.perf_counter() - start
+out = {"rows": len(table), "seconds": seconds, "retained": rss() - base,
+       "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}
+reader, writer = os.pipe()
+if os.fork() == 0:
+    before, rows = private(), random.Random(0)
+    for _ in range(200000):
+        i = rows.randrange(len(table))
+        table.paths[i], table.captions[i]
+    os.write(writer, str(private() - before).encode())
+    os._exit(0)
+os.close(writer)
+out["worker_copied"] = int(os.read(reader, 64))
+os.wait()
+print(json.dumps(out))
+"""
+
+
+def write_csv(path, rows, seed=0):
+    """A CC12M-like TSV: img2dataset-style relative paths and captions of 6-30 words (mean ~105 characters)."""
+    import random
+    rng = random.Random(seed)
+    words = " ".join(CAPTIONS).split()
+    captions = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 30))) for _ in range(4096)]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("filepath\ttitle\n")
+        for start in range(0, rows, 65536):
+            f.write("".join(f"images/{i // 10000:05d}/{i:09d}.jpg\t{captions[(i * 7919) % 4096]}\n"
+                            for i in range(start, min(rows, start + 65536))))
+
+
+def bench_csv(args):
+    """data.CsvCaptions on a generated --csv-rows-row TSV, in a fresh process as a rank: start-up time,
+    peak and retained RSS against the file's size, and what a forked DataLoader worker copies."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.tsv"
+        write_csv(path, args.csv_rows)
+        size = path.stat().st_size
+        proc = subprocess.run([sys.executable, "-c", CSV_RANK, str(path), str(Path(__file__).parent)],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode:
+            raise SystemExit(f"reading the CSV failed:\n{proc.stderr[-3000:]}")
+        r = json.loads(proc.stdout.splitlines()[-1])
+    print(f"{r['rows']:,} rows, {size / 2 ** 30:.2f} GiB file: start-up {r['seconds']:.1f} s; RSS above the process "
+          f"before: peak {gib(r['peak'])} ({r['peak'] / size:.2f}x the file), retained {gib(r['retained'])} "
+          f"({r['retained'] / size:.2f}x); a forked worker reading 200,000 random rows copied {r['worker_copied'] / 2 ** 20:.1f} MiB")
+    return {"mode": "csv", "file_bytes": size, **r}
+
+
+def bench_accumulation(args):
+    """One batch of --batch-size pairs at once against --accum micro-batches of it, every pair a
+    negative of every other (train_ds.py --grad_accum): peak memory and step time, each in a fresh
+    process. The cache holds only features; the price is one forward more per micro-batch."""
+    def above(r):
+        return r["peak_memory"] - r["memory_before_model"]
+
+    results = {}
+    for accum in (1, args.accum):
+        r = results[accum] = run_alone(args.preset, args, args.warmup, args.steps, quiet=True, accum=accum)
+        print(f"{args.preset}, {accum} x {args.batch_size // accum} pairs, {args.precision}: step "
+              f"{fmt_spread(r['step_s'])}; peak memory {gib(r['peak_memory'])}, {gib(above(r))} above the process "
+              "before the model", flush=True)
+    whole, accumulated = results[1], results[args.accum]
+    print(f"{args.accum} micro-batches: {above(accumulated) / above(whole):.2f}x the memory above the model's start, "
+          f"{accumulated['step_s']['median'] / whole['step_s']['median']:.2f}x the step time")
+    return {"mode": "accumulation", "results": [whole, accumulated]}
 
 
 def zero_model_state_bytes(params, stage, world):
@@ -690,7 +933,8 @@ def zero_worker(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", default="train", choices=["train", "textlen", "tokenizer", "zero", "zero-worker", "data"])
+    p.add_argument("--mode", default="train", choices=["train", "textlen", "tokenizer", "zero", "zero-worker", "data",
+                                                         "csv", "accumulation"])
     p.add_argument("--preset", default="msclip-s-b32", choices=list(msclip.PRESETS))
     p.add_argument("--compare", action="store_true", help="time clip-b32 and msclip-s-b32 and print their ratio")
     p.add_argument("--presets", nargs=2, default=["clip-b32", "msclip-s-b32"], help="what --compare compares")
@@ -703,6 +947,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile both towers (off: slower on CPU)")
     p.add_argument("--channels-last", action="store_true", help="images in NHWC memory format (no gain on CPU)")
     p.add_argument("--fused-adamw", type=int, default=1, help="AdamW(fused=True): one kernel per step (1/0)")
+    p.add_argument("--spec-tflops", type=float, help="the device's datasheet peak for MFU (default: bf16 of the GPUs in "
+                                                     f"SPEC_BF16_TFLOPS, {SPEC_BF16_TFLOPS})")
     p.add_argument("--captions", help="a text file, one caption per line (tokenizer and textlen modes)")
     p.add_argument("--tokenizer-seconds", type=float, default=3.0)
     p.add_argument("--zero-ranks", type=int, nargs="+", default=[1, 2])
@@ -711,6 +957,15 @@ def parse_args(argv=None):
     p.add_argument("--data-shards", type=int, default=4, help="data mode: JPEG shards written")
     p.add_argument("--data-per-shard", type=int, default=64, help="data mode: JPEGs per shard")
     p.add_argument("--data-workers", type=int, default=1, help="data mode: DataLoader workers of the train_ds.py run")
+    p.add_argument("--data-rounds", type=int, default=2, help="data mode: interleaved rounds of the per-core figures")
+    p.add_argument("--data-pairs-per-s", type=float, help="data mode: the rate to size cores per GPU for (default: "
+                                                          "an H200 at 40%% MFU on this preset)")
+    p.add_argument("--openclip-python", help="data mode: a Python with open_clip_torch and webdataset installed, to "
+                                             "time OpenCLIP's pipeline on the same shards")
+    p.add_argument("--csv-rows", type=int, default=12_000_000, help="csv mode: rows of the generated TSV (CC12M: 12M)")
+    p.add_argument("--accum", type=int, help="train mode: the batch in this many micro-batches, every pair a "
+                                             "negative of every other (train_ds.py --grad_accum; default 1); "
+                                             "accumulation mode: against the batch at once (default 4)")
     p.add_argument("--json", help="also write the results to this file")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -718,6 +973,9 @@ def parse_args(argv=None):
         args.batch_size = 4 if args.mode.startswith("zero") else 32
     elif args.batch_size != "max":
         args.batch_size = int(args.batch_size)
+    args.accum = args.accum or (4 if args.mode == "accumulation" else 1)
+    if args.accum < 1 or args.accum > 1 and (args.batch_size == "max" or args.batch_size % args.accum):
+        p.error(f"--accum {args.accum} must be >= 1 and divide --batch-size {args.batch_size}")
     args.caption_list = None
     if args.captions:
         args.caption_list = [line.strip() for line in open(args.captions, encoding="utf-8") if line.strip()]
@@ -744,6 +1002,10 @@ def main(argv=None):
         result = bench_textlen(args, device)
     elif args.mode == "data":
         result = bench_data(args, device)
+    elif args.mode == "csv":
+        result = bench_csv(args)
+    elif args.mode == "accumulation":
+        result = bench_accumulation(args)
     else:
         result = (bench_compare if args.compare else bench_train)(args, device, matmul_rate(args, device))
     print(f"load average at the end {os.getloadavg()[0]:.2f}")

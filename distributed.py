@@ -92,9 +92,30 @@ def launcher_environment(env):
     return name, out
 
 
+def device_index(local_rank, visible):
+    """This process's GPU among the `visible` ones (torch.cuda.device_count()): its local rank when
+    every GPU of the node is visible (`deepspeed`, torchrun, srun --gpus-per-node), 0 when the
+    launcher shows each process one GPU (srun --gpus-per-task=1 or --gpu-bind=single:1, a
+    CUDA_VISIBLE_DEVICES per rank), else the local rank modulo the visible GPUs (several per task).
+    OpenCLIP asks for --no-set-device-rank in the one-GPU case; here it follows from the count."""
+    if visible < 1:
+        raise ValueError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r})")
+    return local_rank % visible
+
+
 def init_distributed(timeout_minutes):
     """Join (or, under plain `python`, create) the process group: nccl on GPUs, gloo on CPU. The
-    launcher's variables are in os.environ already (main() sets them from launcher_environment)."""
+    launcher's variables are in os.environ already (main() sets them from launcher_environment).
+    Returns (deepspeed, this process's GPU index, or None on CPU).
+
+    On GPUs the index is device_index's, and the process group is created here, bound to that
+    device: DeepSpeed's own creation would bind cuda:LOCAL_RANK ("invalid device ordinal" when each
+    task sees one GPU). LOCAL_RANK stays the local rank, which DeepSpeed checks against
+    OMPI_COMM_WORLD_LOCAL_RANK under mpirun; deepspeed.initialize must get the index as
+    args.device_rank, or its engine calls set_device(LOCAL_RANK) too. cudnn.benchmark is turned on
+    (as OpenCLIP and timm do: the conv shapes are fixed; cuDNN's choice of algorithm is not
+    bit-reproducible across runs)."""
     os.environ.setdefault("MASTER_PORT", str(free_port()))  # one process: any free port
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
@@ -102,6 +123,7 @@ def init_distributed(timeout_minutes):
     import deepspeed
     from deepspeed.utils import logger
     logger.setLevel("WARNING")
+    timeout, device = datetime.timedelta(minutes=timeout_minutes), None
     if not cuda:
         # The shared-memory all-reduce op is for inference; training never calls it. Without this the
         # first run on a machine sits 1-3 minutes compiling it.
@@ -109,10 +131,31 @@ def init_distributed(timeout_minutes):
         if "OMP_NUM_THREADS" not in os.environ:  # launchers leave it unset: ranks would fight over cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     else:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # one GPU per process on its node
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo",
-                               timeout=datetime.timedelta(minutes=timeout_minutes))
-    return deepspeed
+        device = device_index(int(os.environ["LOCAL_RANK"]), torch.cuda.device_count())
+        torch.cuda.set_device(device)  # one GPU per process
+        torch.backends.cudnn.benchmark = True
+        if not torch.distributed.is_initialized():  # bound to the device (NCCL's eager init), as DeepSpeed does
+            bind = {"device_id": torch.device("cuda", device)} if int(os.environ["WORLD_SIZE"]) > 1 else {}
+            torch.distributed.init_process_group("nccl", timeout=timeout, **bind)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
+    return deepspeed, device
+
+
+def node_cores(group=None):
+    """(CPU cores this rank may run on, ranks of its node that run on them too). The cores are the
+    rank's affinity (what a cpuset, taskset or the launcher's binding leaves it, not os.cpu_count()).
+    With `group` (the process group exists), the sharing ranks are those on the same host whose
+    affinity overlaps this rank's: srun --cpus-per-task and mpirun --bind-to pin each rank to its
+    own cores (nothing shared), deepspeed and torchrun leave every rank all the node's cores. Without
+    it, every rank of the node (LOCAL_WORLD_SIZE) is taken to share them."""
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    if group is None:
+        return len(mine), max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    import torch.distributed as dist
+    everyone = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (socket.gethostname(), sorted(mine)), group=group)
+    host = socket.gethostname()
+    return len(mine), sum(1 for h, cores in everyone if h == host and mine.intersection(cores))
 
 
 def agree(error, group):
@@ -140,8 +183,8 @@ def register_orphan_parameters(model):
 
 def logit_scale_clamp(engine, minimum=0.0, maximum=math.log(100)):
     """A function that clamps the logit scale to [0, ln(100)] after a step (OpenCLIP's bounds: below 0
-    the logits shrink inside [-1, 1] and the softmax flattens towards chance) in every copy the engine keeps: the
-    model's parameter (at ZeRO-3 its gathered copy and this rank's partition) and the optimizer's
+    the logits shrink inside [-1, 1] and the softmax flattens towards chance) in every copy the
+    engine keeps: the model's parameter (at ZeRO-3 its gathered copy and this rank's partition) and the optimizer's
     fp32 master (ZeRO 1-3; at ZeRO-0 under torch_autocast the parameter is the master). Clamping
     only the model's copy would be undone by the next step. It runs on the device: no value comes
     back to the host and no collective runs. Build it after load_checkpoint."""
@@ -305,16 +348,17 @@ def nonfinite_tensors(module):
     return [named[i][0] for i in (~finite).nonzero().flatten().tolist()]
 
 
-def save(engine, out_dir, step, client_state, trainer_state, keep, group):
+def save(engine, out_dir, step, client_state, trainer_state, keep, group, files=None):
     """DeepSpeed checkpoint into checkpoints/step_N, made durable before it counts: rank 0 empties the
     tag folder (an older run's files of this step, e.g. from another world size, would otherwise
-    stay), every rank writes and fsyncs its own files, then rank 0 writes trainer_state.json (the
-    completion marker) and points `latest` at it, and prunes older checkpoints marker first. A crash
-    or a failed write at any point leaves the previous complete checkpoint the resume point; a
-    failed write stops every rank with a message that says why (full disk, read-only, ...).
-    Weights or BatchNorm statistics that are not finite (a diverged run) are never written: every
-    rank checks its own before anything is touched, and all stop, naming the last finite checkpoint,
-    which stays `latest` (it is the newest complete one, so pruning never removes it)."""
+    stay), every rank writes and fsyncs its own files, then rank 0 writes `files` ({name: text}),
+    trainer_state.json (the completion marker) and points `latest` at it, and prunes older
+    checkpoints marker first. A crash or a failed write at any point leaves the previous complete
+    checkpoint the resume point; a failed write stops every rank with a message that says why (full
+    disk, read-only, ...). Weights or BatchNorm statistics that are not finite (a diverged run) are
+    never written: every rank checks its own before anything is touched, and all stop, naming the
+    last finite checkpoint, which stays `latest` (it is the newest complete one, so pruning never
+    removes it)."""
     import torch.distributed as dist
     root, tag = checkpoint_root(out_dir), f"step_{step:08d}"
     folder, rank = os.path.join(root, tag), dist.get_rank()
@@ -352,6 +396,8 @@ def save(engine, out_dir, step, client_state, trainer_state, keep, group):
         problem = agree(error, group)
     if problem is None and rank == 0:
         try:
+            for name, text in (files or {}).items():
+                write_atomic(os.path.join(folder, name), text)
             write_atomic(os.path.join(folder, MARKER), json.dumps(trainer_state, indent=1))
             write_atomic(os.path.join(root, "latest"), tag)
         except OSError as e:
@@ -589,14 +635,21 @@ def claim_out_dir(out_dir, resume, group):
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # schedulers' preemption notice; SLURM sends SIGUSR1 with --signal=USR1@SECONDS
 
 
-def ignoring_stop_signals(worker_init_fn=None):
-    """A DataLoader worker_init_fn that makes workers ignore the stop signals: SLURM and DeepSpeed's
-    launch.py signal every process of a rank, and a worker killed mid-step would abort the rank
-    (the rank stops its workers itself after the checkpoint)."""
+def ignoring_stop_signals(closing, worker_init_fn=None):
+    """A DataLoader worker_init_fn that makes workers ignore the stop signals until their rank ends
+    them: SLURM and DeepSpeed's launch.py signal every process of a rank, and a worker killed mid-step
+    would abort the rank (the rank checkpoints, then ends its workers: LoaderBatches.close). Once
+    `closing` (a RawValue the rank shares) is set, a stop signal ends the worker with exit code 0, the
+    one end PyTorch's SIGCHLD check in the rank does not report as a crashed DataLoader worker."""
     def init(worker_id):
         import signal
+
+        def handler(signum, frame):
+            if closing.value:
+                os._exit(0)
+
         for name in STOP_SIGNALS:
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+            signal.signal(getattr(signal, name), handler)
         if worker_init_fn is not None:
             worker_init_fn(worker_id)
     return init
@@ -659,16 +712,18 @@ class StopRequests:
 # ----------------------------------------------------------------------------------------------
 
 class LoaderBatches:
-    """iter(loader), whose DataLoader workers close() stops, also after an exception. `del` is not
-    enough: an exception's traceback keeps the iterator alive, and the workers ignore SIGTERM
-    (ignoring_stop_signals), so multiprocessing's exit handler, which SIGTERMs its daemon children
-    and then joins them, would wait forever: the rank printed its error and never exited."""
+    """The batches of a training DataLoader whose workers ignore the stop signals while the rank
+    trains (ignoring_stop_signals), and that close() ends, also after an exception. Dropping the
+    iterator is not enough then: the exception's traceback keeps it alive, and multiprocessing's exit
+    handler, which SIGTERMs its daemon children and then joins them, would wait forever for workers
+    that ignore SIGTERM: the rank printed its error and never exited."""
 
     def __init__(self, loader):
         import multiprocessing
-        before = set(multiprocessing.active_children())
-        self.iterator = iter(loader)  # starts the workers
-        self.workers = [p for p in multiprocessing.active_children() if p not in before]
+        self.closing = multiprocessing.RawValue("b", 0)  # shared with the workers, forked from here on
+        loader.worker_init_fn = ignoring_stop_signals(self.closing, loader.worker_init_fn)
+        self.before = set(multiprocessing.active_children())
+        self.iterator = iter(loader)
 
     def __iter__(self):
         return self
@@ -676,17 +731,23 @@ class LoaderBatches:
     def __next__(self):
         return next(self.iterator)
 
-    def close(self, timeout=5):
-        # PyTorch's orderly stop first (private, hence looked up): it tells the workers to end, joins
-        # them and unregisters them from its SIGCHLD handler, which would report the kills below as a crash
-        stop = getattr(self.iterator, "_shutdown_workers", None)
-        if stop is not None:
-            stop()
-        for worker in self.workers:
-            if worker.is_alive():  # busy past PyTorch's wait (its terminate() is a SIGTERM): SIGKILL
-                worker.kill()
-                worker.join(timeout)
+    def close(self, timeout=10):
+        """End the child processes started since (the loader's workers; an evaluation's, when an
+        exception cut it short). Without an exception holding the iterator, dropping it stops them in
+        order; any still alive then gets a SIGTERM, at which it now exits 0, and a SIGKILL if that has
+        not ended it within `timeout` s (a worker stuck in a read)."""
+        import multiprocessing
+        self.closing.value = 1
+        getattr(self.iterator, "close", lambda: None)()  # a generator around the DataLoader's iterator
         self.iterator = None
+        started = [p for p in multiprocessing.active_children() if p not in self.before]
+        for worker in started:
+            worker.terminate()
+        for worker in started:
+            worker.join(timeout)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
 
 class DivergenceGuard:

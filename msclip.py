@@ -324,10 +324,11 @@ class Adapter(nn.Module):
         self.norm = LayerNorm(width)
 
     def forward(self, tokens, branch):
-        batch, length, width = tokens.shape
-        side = math.isqrt(length - 1)
+        side = math.isqrt(tokens.shape[1] - 1)
         from_branch = self.branch_proj(self.branch_pool(branch)).flatten(2).transpose(1, 2)
-        grid = tokens[:, 1:].transpose(1, 2).reshape(batch, width, side, side)
+        # The grid tokens as a [B, width, side, side] view (channels-last strides): no copy; the
+        # depthwise conv reads it as it is and its output flattens back to tokens without one
+        grid = tokens[:, 1:].unflatten(1, (side, side)).permute(0, 3, 1, 2)
         grid = self.token_mix(grid).flatten(2).transpose(1, 2)
         cls = tokens[:, :1]
         return self.norm(torch.cat([cls + cls, grid + from_branch], dim=1))
@@ -718,12 +719,14 @@ class ImageTransform:
         array = (self.pixels(image, rng).astype(np.float32) - self.mean) * self.inv_std
         return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
-    def pixels(self, image, rng=None):
+    def pixels(self, image, rng=None, box=None):
         """The cropped and resized 8-bit image, uint8 [size, size, 3], before normalisation (data
-        loaders ship this: a quarter of fp32's bytes)."""
-        image = image.convert("RGB")
+        loaders ship this: a quarter of fp32's bytes). Train: `box` is the random crop when drawn
+        already (data.py draws it on a JPEG's full size before decoding it at a reduced scale)."""
+        if image.mode != "RGB":  # convert() copies even an RGB image
+            image = image.convert("RGB")
         if self.train:
-            box = self._random_crop_box(image.size, rng or random.Random())
+            box = box or self._random_crop_box(image.size, rng or random.Random())
             image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
         else:
             image = self._center_crop(self._resize_shorter(image))

@@ -32,6 +32,7 @@ Every default is in the parser below. ds_config.json holds only what DeepSpeed r
 trainer does not set (ZeRO tuning, monitors); --ds_set KEY=JSON changes any of it.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -86,6 +87,11 @@ def build_parser():
                                              f"official code; the demo model CLIP's ln(1/0.07) = {DEMO_LOGIT_SCALE:.3f})")
     a("--grad_checkpointing", action="store_true", help="recompute transformer layers in backward (less memory)")
     a("--local_loss", action="store_true", help="each rank scores only its own rows against all columns (less memory)")
+    a("--compile", nargs="?", const="inductor", metavar="BACKEND",
+      help="torch.compile the model through DeepSpeed's engine.compile, with inductor or the torch.compile BACKEND "
+           "named (e.g. aot_eager: graph capture without code generation); the first steps compile for minutes")
+    a("--channels_last", action="store_true", help="images in channels-last (NHWC) memory order through the conv stem, "
+                                                   "the parallel branch and the adapters (same values)")
 
     a = p.add_argument_group("data").add_argument
     a("--train_data", help="a .csv/.tsv file (image path, caption) or WebDataset shards ('dir/{00000..01023}.tar', "
@@ -94,12 +100,17 @@ def build_parser():
     a("--csv_separator", default="\t", help="column separator of a --train_data CSV (OpenCLIP's default: tab)")
     a("--csv_img_key", default="filepath", help="image-path column")
     a("--csv_caption_key", default="title", help="caption column")
-    a("--train_samples", type=int, help="samples per epoch of WebDataset shards (needed with --epochs)")
+    a("--train_samples", type=int, help="samples per epoch of WebDataset shards (needed with --epochs and "
+                                        "--dataset_resampled)")
+    a("--dataset_resampled", action="store_true",
+      help="WebDataset: draw shards with replacement (seeded per epoch, rank and worker) for epochs of "
+           "--train_samples samples, instead of each shard once per epoch (OpenCLIP's --dataset-resampled)")
     a("--synthetic_samples", type=int, default=shapes.DEFAULT_SAMPLES, help="size of the built-in data")
     a("--hard_negatives", default="none", metavar="SxC",
       help="built-in data: batches made of groups of S shapes x C colours drawn with the same layout and "
            "wording, so that pairs differ only in shape or colour ('none': uniformly random batches)")
-    a("--workers", type=int, help="DataLoader workers per rank (default: 1 on CPU, 4 on GPU)")
+    a("--workers", type=int, help="DataLoader workers per rank (default: on GPUs the rank's share of its node's CPU "
+                                  "cores less one, at most 16; 1 on CPU; the start-up line says which and why)")
     a("--shuffle_buffer", type=int, default=5000, help="WebDataset: undecoded samples in each DataLoader worker's "
                                                         "shuffle buffer, which spans shard boundaries (OpenCLIP: 5000)")
     a("--interleave_shards", type=int, default=8, help="WebDataset: shards each worker reads at once, drawing samples "
@@ -109,8 +120,13 @@ def build_parser():
     a("--steps", type=int, help=f"optimizer steps in all (default: from --epochs, or {DEMO_STEPS} on the built-in data)")
     a("--epochs", type=int, help="passes over the data (default 1 for CSV and WebDataset)")
     a("--batch_size", type=int, default=64, help="micro-batch per rank")
-    a("--global_batch_size", type=int, help="pairs per optimizer step over all ranks: --grad_accum follows from it")
-    a("--grad_accum", type=int, help="gradient accumulation steps (default 1)")
+    a("--global_batch_size", type=int, help="pairs per optimizer step over all ranks, each a negative of every other: "
+                                            "--grad_accum follows from it")
+    a("--grad_accum", type=int, help="micro-batches per rank and optimizer step (default 1); every pair of all of them "
+                                     "is a negative of every other, at the cost of one extra forward per micro-batch")
+    a("--plain_grad_accum", action="store_true",
+      help="DeepSpeed's plain accumulation instead: each micro-batch is its own contrastive batch (negatives: "
+           "micro-batch x ranks), the --grad_accum gradients averaged; no extra forward")
     a("--lr", type=float, default=1e-3, help="peak learning rate")
     a("--lr_shared", type=float, help="peak learning rate of the weights images and text share (default: --lr)")
     a("--wd", type=float, default=0.05, help="weight decay (not on norms, biases, embeddings, logit scale)")
@@ -129,11 +145,15 @@ def build_parser():
     a("--zero_stage", type=int, choices=[0, 1, 2, 3], default=1, help="ZeRO stage")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
       help="auto: bf16 on GPUs that have it, else fp16 on GPUs; fp32 on CPU")
+    a("--grad_reduce_dtype", choices=["fp32", "bf16", "fp16"],
+      help="the type in which ZeRO sums the gradients over ranks under bf16/fp16 (default: fp32 at ZeRO 0-2; at "
+           "ZeRO-3 the half type, in which it also gathers the weights: fp32 there doubles that traffic)")
     a("--seed", type=int, default=0)
 
     a = p.add_argument_group("checkpoints").add_argument
     a("--out_dir", default="out", help="checkpoints, metrics.jsonl, DeepSpeed monitor files and the exported weights")
-    a("--save_every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
+    a("--save_every", type=int, default=1000, help="checkpoint every N steps and at the end (0: only at the end; "
+                                                     "-1: never, and no export: for benchmarks)")
     a("--keep", type=int, default=2, help="complete checkpoints kept")
     a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out_dir (fresh start "
                                             "when there is none)")
@@ -168,7 +188,8 @@ def build_parser():
 
 def check_args(parser, args, world_size):
     """Refuse what cannot run and fill in what the options imply (data type, accumulation, precision,
-    workers, evaluation schedule) in `args`, before DeepSpeed starts. Returns the model config."""
+    evaluation schedule) in `args`, before DeepSpeed starts (--workers: in main, from the node's
+    cores). Returns the model config."""
     # Model
     preset = args.preset or DEFAULT_PRESET
     overrides = dict(DEMO_OVERRIDES) if args.preset is None else {}
@@ -190,19 +211,23 @@ def check_args(parser, args, world_size):
         parser.error(f"--train_data {args.train_data}: no such file")
     if args.data_type == "webdataset":
         shards = data.expand_shards(args.train_data)
-        missing = [s for s in shards if not os.path.isfile(s)]
+        missing = data.missing_shards(shards)
         if not shards:
             parser.error(f"--train_data {args.train_data}: the pattern matches no file")
         if missing:
             parser.error(f"--train_data {args.train_data}: {len(missing)} of {len(shards)} shards not found "
                          f"(first: {missing[0]})")
-        if len(shards) < world_size:
+        if len(shards) < world_size and not args.dataset_resampled:
             parser.error(f"{len(shards)} WebDataset shards cannot be split over {world_size} ranks without "
                          "duplication: use more shards or fewer ranks")
         if args.shuffle_buffer < 1 or args.interleave_shards < 1:
             parser.error("--shuffle_buffer and --interleave_shards must be >= 1")
         if args.steps is None and args.train_samples is None:
             parser.error("WebDataset shards have no known length: give --train_samples (samples per epoch) or --steps")
+        if args.dataset_resampled and not args.train_samples:
+            parser.error("--dataset_resampled draws shards for epochs of --train_samples samples: give --train_samples")
+    elif args.dataset_resampled:
+        parser.error("--dataset_resampled is for WebDataset shards")
 
     # Batch: micro-batch per rank x accumulation x ranks = global batch
     micro = args.batch_size
@@ -256,10 +281,21 @@ def check_args(parser, args, world_size):
                      "clipping ignores torch_autocast's loss scale): use --precision bf16, --zero_stage 0, or "
                      "--grad_clip 0")
 
+    if args.save_every < -1 or (args.save_every == -1 and args.stop_at):
+        parser.error(f"--save_every {args.save_every}: give N >= 1 (every N steps), 0 (only at the end) or -1 (never; "
+                     "not with --stop_at, which stops at a checkpoint)")
+    half = args.precision in ("bf16", "fp16")
+    if args.grad_reduce_dtype in ("bf16", "fp16") and args.grad_reduce_dtype != args.precision:
+        parser.error(f"--grad_reduce_dtype {args.grad_reduce_dtype} needs --precision {args.grad_reduce_dtype} "
+                     f"(the precision is {args.precision}): use fp32")
+    if args.grad_reduce_dtype in ("bf16", "fp16") and args.zero_stage == 0:
+        parser.error(f"--grad_reduce_dtype {args.grad_reduce_dtype}: ZeRO-0 sums the gradients in fp32 (DeepSpeed's "
+                     "communication_data_type); the half type needs ZeRO 1-3")
+    if args.grad_reduce_dtype is None:
+        args.grad_reduce_dtype = args.precision if half and args.zero_stage == 3 else "fp32"
+
     if args.eval_every is None:
         args.eval_every = 100 if args.data_type == "synthetic" else 0
-    if args.workers is None:
-        args.workers = 4 if cuda else 1
     return model_config
 
 
@@ -277,7 +313,14 @@ def deepspeed_config(parser, args):
     options. bf16 and fp16 run through DeepSpeed's torch_autocast: the weights, their gradients and
     the optimizer's master copy stay fp32 at every ZeRO stage; matmuls and convolutions run in half
     precision; BatchNorm, LayerNorm, softmax and the loss stay fp32. (DeepSpeed's bf16/fp16 engines
-    cast the parameters but not BatchNorm's buffers: MS-CLIP-S's BatchNorm then fails.)"""
+    cast the parameters but not BatchNorm's buffers: MS-CLIP-S's BatchNorm then fails.)
+    The sums of the gradients over ranks (--grad_reduce_dtype): torch_autocast would reduce the
+    gradients of every Linear and Conv weight in the half type at ZeRO 1-3, whatever
+    communication_data_type says, and the rest in fp32. At ZeRO 1 and 2 the trainer marks no module
+    (lower_precision_safe_modules = []): every gradient is summed in fp32, as DDP and OpenCLIP do,
+    since a bf16 sum over 64+ ranks loses the low bits of each addend. ZeRO-0 sums in fp32 anyway.
+    At ZeRO-3 the same mark also makes the weight gathers half precision (half their traffic), so
+    the trainer keeps DeepSpeed's marks there unless --grad_reduce_dtype fp32 is given."""
     try:
         with open(args.deepspeed_config) as f:
             config = json.load(f)
@@ -309,6 +352,13 @@ def deepspeed_config(parser, args):
     config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     half = {"bf16": "bfloat16", "fp16": "float16"}.get(args.precision)
     config["torch_autocast"] = {"enabled": True, "dtype": half} if half else {"enabled": False}
+    if half and args.zero_stage > 0 and args.grad_reduce_dtype == "fp32":
+        # torch_autocast marks the weights of these module types to be reduced (and, at ZeRO-3, gathered)
+        # in the half type, whatever communication_data_type says: none marked, one fp32 bucket
+        config["torch_autocast"]["lower_precision_safe_modules"] = []
+    # Overlap ZeRO-2's gradient reduce-scatter with the backward pass (DeepSpeed's advice for stage 2;
+    # at ZeRO-3 it stays off, as before, unless ds_config.json or --ds_set turn it on)
+    config["zero_optimization"].setdefault("overlap_comm", args.zero_stage == 2)
     for monitor in ("tensorboard", "csv_monitor", "wandb"):  # next to the checkpoints unless ds_config names a folder
         if config.get(monitor, {}).get("enabled"):
             config[monitor].setdefault("output_path", os.path.join(args.out_dir, "monitor"))
@@ -351,8 +401,8 @@ def check_out_dir(args, model_config, world_size):
                 ". Resume with the saved settings or choose another --out_dir"), []
     ignored = {"resume", "stop_at", "timeout_minutes", "local_rank", "deepspeed", "export", "checkpoint", "out_dir",
                "deepspeed_config"}
-    changed = [f"--{k} {saved['args'].get(k)} -> {v}" for k, v in vars(args).items()
-               if k not in ignored and k in saved["args"] and json.loads(json.dumps(v)) != saved["args"][k]]
+    changed = [f"--{k} {saved['args'].get(k)} -> {v}" for k, v in vars(args).items()  # None: resolved later (--workers)
+               if k not in ignored and k in saved["args"] and v is not None and json.loads(json.dumps(v)) != saved["args"][k]]
     if saved["world_size"] != world_size:
         changed.append(f"ranks {saved['world_size']} -> {world_size}" + (
             " (the checkpoint is converted to DeepSpeed's universal format to re-partition ZeRO's states)"
@@ -390,9 +440,11 @@ def resume(engine, source, args, world_size, log):
     """The run's progress: from the checkpoint `source` = (folder, tag) names, or a fresh start when the
     tag is None. Progress is what a checkpoint saves besides DeepSpeed's state: the step, the
     micro-batches consumed (map-style data), each DataLoader worker's WebDataset stream position, the
-    skipped-sample counts; each rank's random state is restored too. The optimizer continues with
-    this command line's learning rates, weight decays and schedule (continue_schedule)."""
-    progress = {"step": 0, "micro_batches": 0, "stream": {}, "skipped": {}, "examples": {}, "saved_step": None}
+    skipped-sample counts, the data manifest (data.Manifest: what the run trained on); each rank's
+    random state is restored too. The optimizer continues with this command line's learning rates,
+    weight decays and schedule (continue_schedule)."""
+    progress = {"step": 0, "micro_batches": 0, "stream": {}, "skipped": {}, "examples": {}, "saved_step": None,
+                "data_manifest": data.Manifest.merge()}
     if not source[1]:
         if args.resume:
             log(f"--resume: no checkpoint in {source[0]}, starting from scratch")
@@ -402,7 +454,7 @@ def resume(engine, source, args, world_size, log):
     if source[1] == "universal":
         distributed.repair_universal_load(engine.optimizer)
     progress.update(step=client["step"], micro_batches=client["micro_batches"], skipped=dict(client["skipped"]),
-                    saved_step=client["step"])
+                    saved_step=client["step"], data_manifest=client.get("data_manifest", data.Manifest.merge()))
     # a universal load gives every group group 0's settings (DeepSpeed 0.19.7, 0.19.8): nothing to compare with
     continue_schedule(engine.optimizer, engine.lr_scheduler, settings, progress["step"], log,
                       saved=source[1] != "universal")
@@ -447,18 +499,23 @@ def continue_schedule(optimizer, schedule, settings, step, log, saved=True):
 
 def save_checkpoint(engine, args, progress, model_config, control):
     """DeepSpeed's checkpoint with every rank's random state and stream position in its client state,
-    and trainer_state.json saying what the run was (for --resume's checks and --export)."""
+    the run's data manifest (every rank's batches since the last checkpoint added) there and in
+    data_manifest.json, and trainer_state.json saying what the run was (for --resume's checks and --export)."""
     world_size = torch.distributed.get_world_size()
     everyone = [None] * world_size
-    torch.distributed.all_gather_object(everyone, {"rng": rng_state(), "stream": progress["stream"]})
+    torch.distributed.all_gather_object(everyone, {"rng": rng_state(), "stream": progress["stream"],
+                                                   "manifest": progress["manifest"].take()})
+    progress["data_manifest"] = data.Manifest.merge(progress["data_manifest"], *[e["manifest"] for e in everyone])
     step = progress["step"]
     client = {"step": step, "micro_batches": progress["micro_batches"], "world_size": world_size,
               "global_micro_batch": args.batch_size * world_size, "skipped": progress["skipped"],
-              "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone]}
+              "rng": [e["rng"] for e in everyone], "stream": [e["stream"] for e in everyone],
+              "data_manifest": progress["data_manifest"]}
     trainer_state = {"msclip_config": json.loads(json.dumps(vars(model_config))), "step": step,
                      "zero_stage": args.zero_stage, "precision": args.precision, "world_size": world_size,
                      "global_batch": args.global_batch_size, "args": vars(args)}
-    distributed.save(engine, args.out_dir, step, client, trainer_state, args.keep, control)
+    distributed.save(engine, args.out_dir, step, client, trainer_state, args.keep, control,
+                     {"data_manifest.json": json.dumps(progress["data_manifest"], indent=1)})
     progress["saved_step"] = step
 
 
@@ -472,40 +529,39 @@ def evaluate(engine, eval_sets, args, control):
 
 
 def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics, log):
-    """The training loop, until --steps (or --stop_at) or a stop request: each step feeds
-    --grad_accum micro-batches forward and backward (DeepSpeed averages the gradients over ranks,
-    clips and applies them at the last), clamps the logit scale, counts a bad step, then logs,
-    evaluates and checkpoints on their schedules. The loss stays on the device between log steps;
-    --max_bad_steps bad steps in a row stop the run there. Any exception stops the DataLoader
+    """The training loop, until --steps (or --stop_at) or a stop request: each step reads --grad_accum
+    micro-batches, feeds them forward and backward (contrastive_step; DeepSpeed averages the gradients
+    over ranks, clips and applies them at the last), clamps the logit scale, counts a bad step, then
+    logs, evaluates and checkpoints on their schedules. The loss stays on the device between log
+    steps; --max_bad_steps bad steps in a row stop the run there. Any exception stops the DataLoader
     workers on its way out, so that the rank exits."""
     dist, device, world_size = torch.distributed, engine.device, torch.distributed.get_world_size()
     loss_fn = msclip.ContrastiveLoss(gather_with_grad=True, local_loss=args.local_loss)
+    whole_batch_negatives = args.grad_accum > 1 and not args.plain_grad_accum
     clamp_logit_scale = distributed.logit_scale_clamp(engine)  # after load_checkpoint: views of the fp32 master
     guard = distributed.DivergenceGuard(engine)
     last = min(args.steps, args.stop_at) if args.stop_at else args.steps
     epoch_size = len(loader.dataset) if args.data_type != "webdataset" else (args.train_samples or math.inf)
     started, window_start = time.time(), time.time()
-    loss_sum, micro_batches, window_steps, skipped = 0.0, 0, 0, {}
+    loss_sum, micro_batches, window_steps, skipped, waited = 0.0, 0, 0, {}, 0.0
     batches = distributed.LoaderBatches(loader)
     try:
         while progress["step"] < last and not stop.agreed():
-            lr, step_loss = engine.lr_scheduler.get_last_lr()[0], 0.0
+            lr = engine.lr_scheduler.get_last_lr()[0]
+            step_batches = []
             for _ in range(args.grad_accum):
+                waiting = time.perf_counter()  # host time only: the data wait needs no device sync
                 images, tokens, skips, positions = next(batches)
+                waited += time.perf_counter() - waiting
                 for reason, where in skips:
                     skipped[reason] = skipped.get(reason, 0) + 1
                     progress["examples"].setdefault(reason, where)
                 for worker, epoch, place in positions:
                     progress["stream"][worker] = (epoch, place)
-                # uint8 from the workers, normalised in fp32 on the device: torch_autocast casts inside the model
-                images = data.normalize_images(images, device, torch.float32)
-                tokens = tokens.to(device, non_blocking=True)  # trimmed to the longest caption by data.collate
-                image_features, text_features, logit_scale = engine(images, tokens)
-                loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float())
-                engine.backward(loss)
-                engine.step()
-                step_loss, micro_batches = step_loss + loss.detach(), micro_batches + 1
-                progress["micro_batches"] += 1
+                step_batches.append((images, tokens))
+            step_loss = contrastive_step(engine, loss_fn, step_batches, whole_batch_negatives)
+            micro_batches += args.grad_accum
+            progress["micro_batches"] += args.grad_accum
             clamp_logit_scale()
             guard.step(step_loss)
             loss_sum = loss_sum + step_loss
@@ -525,20 +581,21 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                 scale = distributed.logit_scale_value(engine)
                 entry = {"step": step, "loss": float(loss_sum) / micro_batches, "lr": lr, "logit_scale": scale,
                          "pairs_per_s": window_steps * args.global_batch_size / max(elapsed, 1e-9),
-                         "memory_gb": memory_gb(device),
+                         "memory_gb": memory_gb(device), "data_wait": min(1.0, waited / max(elapsed, 1e-9)),
                          "epoch": progress["micro_batches"] * args.batch_size * world_size / epoch_size,
                          "skipped": dict(progress["skipped"]), "bad_steps": bad, "time": time.time() - started}
                 record(metrics, entry)
                 eta = (args.steps - step) * elapsed / window_steps
                 log(f"step {step:>6}/{args.steps} | loss {entry['loss']:.4f} | lr {lr:.2e} | logit scale {scale:.3f} | "
-                    f"{entry['pairs_per_s']:,.0f} pairs/s | mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}"
+                    f"{entry['pairs_per_s']:,.0f} pairs/s | data wait {entry['data_wait']:.0%} | "
+                    f"mem {entry['memory_gb']:.2f} GB | eta {format_time(eta)}"
                     + (f" | {bad} bad steps (non-finite loss or gradient), {in_a_row} in a row" if bad else ""))
                 if engine.monitor.enabled and metrics:
                     engine.monitor.write_events([("Train/loss", entry["loss"], step), ("Train/logit_scale", scale, step),
                                                  ("Train/pairs_per_s", entry["pairs_per_s"], step)])
                 if args.max_bad_steps and in_a_row >= args.max_bad_steps:  # every rank read the same counts
                     raise SystemExit(diverged(args, step, in_a_row) if dist.get_rank() == 0 else 1)
-                loss_sum, micro_batches, window_steps, skipped, window_start = 0.0, 0, 0, {}, time.time()
+                loss_sum, micro_batches, window_steps, skipped, waited, window_start = 0.0, 0, 0, {}, 0.0, time.time()
 
             if eval_sets and args.eval_every > 0 and step % args.eval_every == 0 and step < last:
                 accuracy = evaluate(engine, eval_sets, args, stop.group)
@@ -546,12 +603,12 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                 log(f"step {step:>6} | zero-shot top-1: " + ", ".join(f"{k} {v:.1f}%" for k, v in accuracy.items()))
                 window_start = time.time()
 
-            if args.save_every and step % args.save_every == 0 and step < last:
+            if args.save_every > 0 and step % args.save_every == 0 and step < last:
                 save_checkpoint(engine, args, progress, model_config, stop.group)
                 window_start = time.time()
     finally:
         batches.close()
-    if progress["saved_step"] != progress["step"]:
+    if progress["saved_step"] != progress["step"] and args.save_every >= 0:
         save_checkpoint(engine, args, progress, model_config, stop.group)
 
 
@@ -563,6 +620,70 @@ def diverged(args, step, in_a_row):
             (f"The last good checkpoint is {os.path.join(distributed.checkpoint_root(args.out_dir), latest)} "
              "(`latest`): --resume continues from it (with, e.g., a lower --lr or a longer warm-up)." if latest else
              "No checkpoint was written: start again with, e.g., a lower --lr or a longer warm-up."))
+
+
+def channels_last_images(model, inputs):
+    """--channels_last: a forward pre-hook giving the model its images in NHWC memory order. The conv
+    stem's and the branch's feature maps follow the input's order, the adapters' token grid is a
+    view in that order (msclip.Adapter), and the maps flatten to tokens without a transpose copy."""
+    images, *rest = inputs
+    return (images.contiguous(memory_format=torch.channels_last), *rest)
+
+
+def contrastive_step(engine, loss_fn, micro_batches, whole_batch_negatives):
+    """One optimizer step over this rank's micro-batches (uint8 images and tokens as the loader gives
+    them, kept on the host): forward and backward of each, DeepSpeed applying the gradients after the
+    last. Returns the sum of the micro-batches' losses (on the device).
+
+    whole_batch_negatives (--grad_accum K > 1 without --plain_grad_accum): every pair of the K
+    micro-batches of every rank is a negative of every other, as in one batch of K x micro x ranks
+    (OpenCLIP's --accum-freq). Pass 1 encodes each micro-batch without gradient and keeps only its
+    features. Pass 2 encodes each again with gradient, puts its features in place of their cached
+    copy and back-propagates the loss over the whole block (gathered over ranks), not divided by K:
+    the K gradients sum to the gradient of that one loss, and each logged loss is that loss.
+    BatchNorm normalises each micro-batch with its own statistics in both passes; its running
+    statistics move in pass 2 only, once per micro-batch, as without accumulation. Otherwise each
+    micro-batch is its own contrastive batch and DeepSpeed averages the K gradients."""
+    device = engine.device
+
+    def encode(images, tokens):
+        # normalised in fp32 on the device (torch_autocast casts inside the model); the tokens are
+        # trimmed to the longest caption by data.collate
+        features = engine(data.normalize_images(images, device, torch.float32), tokens.to(device, non_blocking=True))
+        return [f.float() for f in features]
+
+    if whole_batch_negatives:
+        with torch.no_grad(), batchnorm_statistics_frozen(engine.module):
+            cached_images, cached_texts = zip(*(encode(images, tokens)[:2] for images, tokens in micro_batches))
+    loss_sum = 0.0
+    for j, (images, tokens) in enumerate(micro_batches):
+        image_features, text_features, logit_scale = encode(images, tokens)
+        if whole_batch_negatives:
+            image_features = torch.cat([*cached_images[:j], image_features, *cached_images[j + 1:]])
+            text_features = torch.cat([*cached_texts[:j], text_features, *cached_texts[j + 1:]])
+            # The logit scale is live in all K losses (each micro-batch's features in one only): each
+            # of its K gradients is already the whole one
+            logit_scale.register_hook(lambda grad: grad / len(micro_batches))
+        loss = loss_fn(image_features, text_features, logit_scale)
+        engine.backward(loss, scale_wrt_gas=not whole_batch_negatives)
+        engine.step()
+        loss_sum = loss_sum + loss.detach()
+    return loss_sum
+
+
+@contextlib.contextmanager
+def batchnorm_statistics_frozen(model):
+    """BatchNorm in train mode normalises with the batch's own statistics but leaves its running
+    statistics and num_batches_tracked as they are (PyTorch's behaviour with track_running_stats off)."""
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
 
 
 def record(metrics, entry):
@@ -635,7 +756,8 @@ def main(argv=None):
     try:
         dataset = data.open_train_data(args.data_type, args.train_data, model_config.image_size, args.seed,
                                        args.synthetic_samples, args.csv_separator, args.csv_img_key,
-                                       args.csv_caption_key, args.shuffle_buffer, args.interleave_shards)
+                                       args.csv_caption_key, args.shuffle_buffer, args.interleave_shards,
+                                       args.train_samples if args.dataset_resampled else None)
         eval_sets = [evaluation.open_named_dataset(s, args.eval_samples, model_config.image_size) for s in specs]
     except ValueError as e:
         parser.error(str(e))
@@ -652,7 +774,7 @@ def main(argv=None):
     # The process group; rank 0 takes --out_dir's lock and picks the checkpoint every rank resumes
     os.environ.update(variables)
     launchers = distributed.launcher_processes() if launcher else []
-    deepspeed = distributed.init_distributed(args.timeout_minutes)
+    deepspeed, device = distributed.init_distributed(args.timeout_minutes)
     rank = torch.distributed.get_rank()
     # host-side agreement, no device synchronisation; its collectives give up after --timeout_minutes
     # as the main group's do (a new group's default is torch's 30 minutes)
@@ -661,6 +783,9 @@ def main(argv=None):
     if problem:
         parser.error(problem) if rank == 0 else sys.exit(2)
     stop = distributed.StopRequests(control, launchers)
+    workers_why = "--workers"
+    if args.workers is None:
+        args.workers, workers_why = data.default_workers(*distributed.node_cores(control), torch.cuda.is_available())
     log = (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
     for note in notes:
         log(note)
@@ -674,6 +799,8 @@ def main(argv=None):
     model.set_grad_checkpointing(args.grad_checkpointing)
     if args.zero_stage == 3:
         distributed.register_orphan_parameters(model)
+    if args.channels_last:  # the images, and so every conv feature map after them (the weights stay as ZeRO holds them)
+        model.register_forward_pre_hook(channels_last_images)
     scale = world_size if args.scale_lr else 1
     optimizer = model.configure_optimizers(args.lr * scale, args.wd, args.lr_shared * scale, args.wd_shared,
                                            betas=args.betas, eps=args.eps)
@@ -682,7 +809,10 @@ def main(argv=None):
     source = distributed.resume_source(args.out_dir, tag, world_size, args.zero_stage, control, log)
     if source[1] == "universal":
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(args=argparse.Namespace(device_rank=device) if device is not None else None,
+                                           model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+    if args.compile:
+        engine.compile(backend=args.compile)  # nn.Module.compile of the model: its call, hooks included
     if args.precision != "fp32" and not getattr(engine, "torch_autocast_enabled", lambda: False)():
         raise SystemExit(f"--precision {args.precision} needs DeepSpeed's torch_autocast with ZeRO (0.17.2 or later); "
                          f"DeepSpeed {deepspeed.__version__} would train in fp32")
@@ -691,31 +821,35 @@ def main(argv=None):
     loader = data.train_loader(dataset, args.batch_size, rank, world_size, args.workers, args.seed,
                                progress["micro_batches"], dict(progress["stream"]), hard_negative_groups(args),
                                pin_memory=engine.device.type == "cuda", log=log)
-    loader.worker_init_fn = distributed.ignoring_stop_signals(loader.worker_init_fn)
+    progress["manifest"] = loader.manifest  # this rank's batches since the last checkpoint
     metrics = None
     if rank == 0:
         distributed.trim_metrics(os.path.join(args.out_dir, "metrics.jsonl"), progress["step"])
         metrics = open(os.path.join(args.out_dir, "metrics.jsonl"), "a")
     c = model_config
+    negatives = ", plain: negatives within each micro-batch" if args.plain_grad_accum and args.grad_accum > 1 else ""
     log(f"MS-CLIP {args.preset or DEFAULT_PRESET}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"parameters, {c.layers} layers, width {c.vision_width}, {c.image_size} px | {args.data_type} data | ZeRO "
         f"{args.zero_stage}, {args.precision}, {world_size} rank(s) on {engine.device.type} | {args.steps} steps x "
-        f"{args.global_batch_size} pairs ({args.batch_size} per rank x {args.grad_accum} accumulation), lr {args.lr:g} "
-        f"(shared {args.lr_shared:g}), warm-up {warmup}")
+        f"{args.global_batch_size} pairs ({args.batch_size} per rank x {args.grad_accum} accumulation{negatives}), "
+        f"lr {args.lr:g} (shared {args.lr_shared:g}), warm-up {warmup} | {args.workers} DataLoader worker(s) per rank "
+        f"({workers_why})")
 
     # Train; then export and the final evaluation, or, when asked to stop, only the checkpoint
     # (schedulers SIGKILL about 30 s after their notice)
     try:
         train(args, engine, loader, progress, model_config, eval_sets, stop, metrics, log)
-        folder = os.path.join(distributed.checkpoint_root(args.out_dir), distributed.latest_checkpoint(args.out_dir))
+        latest = distributed.latest_checkpoint(args.out_dir) if args.save_every >= 0 else None
+        folder = os.path.join(distributed.checkpoint_root(args.out_dir), latest) if latest else None
         result = {"steps": progress["step"], "checkpoint": folder, "skipped": progress["skipped"]}
         if progress["step"] < args.steps:
             if stop.reason:
                 print(f"rank {rank}: {stop.reason}", flush=True)
-            log(f"stopped at step {progress['step']} of {args.steps}: checkpoint {folder}; continue with --resume")
+            log(f"stopped at step {progress['step']} of {args.steps}: " +
+                (f"checkpoint {folder}; continue with --resume" if folder else "no checkpoint (--save_every -1)"))
             return {**result, "stopped": True}
-        result["export"] = os.path.join(args.out_dir, "msclip.pt")
-        if rank == 0:
+        result["export"] = os.path.join(args.out_dir, "msclip.pt") if folder else None
+        if rank == 0 and folder:
             distributed.export(folder, result["export"])
         if eval_sets and args.eval_every >= 0:
             accuracy = result["zero_shot"] = evaluate(engine, eval_sets, args, control)
@@ -724,8 +858,9 @@ def main(argv=None):
                 + (f" (chance: shape {100 / len(shapes.SHAPES):.1f}, colour {100 / len(shapes.COLOURS):.1f})"
                    if args.data_type == "synthetic" else ""))
         torch.distributed.barrier()
-        log(f"done: {progress['step']} steps in {format_time(time.time() - started)}; checkpoint {folder}; weights "
-            f"for msclip.load_checkpoint / eval.py: {result['export']}")
+        log(f"done: {progress['step']} steps in {format_time(time.time() - started)}; " +
+            (f"checkpoint {folder}; weights for msclip.load_checkpoint / eval.py: {result['export']}" if folder else
+             "no checkpoint written (--save_every -1)"))
         return result
     finally:
         if metrics:

@@ -7,11 +7,13 @@ so that a test pays the launcher's start-up (20-30 s on 2 CPU cores) once for ma
 SPEC.json: {"result": PATH, "runs": [RUN, ...]}. A RUN is {"name", "argv"} (a train_ds.main call;
 its per-step metrics are read back from its --out_dir; with "count_host_reads": true, also every
 read of a tensor value to the host, see counting_host_reads; with "record_evaluation": true, what
-each rank encoded in eval mode, see recording_evaluation; with "record_lrs": true, the learning
-rates AdamW applied, see recording_lrs) or {"name", "reference": {...}}: the same
+each rank encoded in eval mode, see recording_evaluation; with "record_reductions": true, the
+ZeRO 1/2 gradient buckets and the elements each reduces, by type, see recording_reductions; with
+"record_lrs": true, the learning rates AdamW applied, see recording_lrs) or
+{"name", "reference": {...}}: the same
 training re-computed in plain PyTorch, one process holding the global batch, without DeepSpeed and
 without train_ds's loop (only the definition of the data: shapes.SyntheticCaptions,
-shapes.minimal_pair_batches, data.normalize_images). Rank 0
+shapes.minimal_pair_batches or data.epoch_batches, data.normalize_images). Rank 0
 writes {name: result} to PATH.
 """
 import json
@@ -34,8 +36,14 @@ import train_ds  # noqa: E402
 
 def reference(o):
     """Plain-PyTorch training on the built-in data: AdamW with MS-CLIP's groups, linear warm-up +
-    cosine, gradient accumulation (mean over micro-batches), global-norm clipping, logit scale
-    clamped to [0, ln(100)] after each step."""
+    cosine, global-norm clipping, logit scale clamped to [0, ln(100)] after each step. A step reads
+    o["accum"] global micro-batches of o["global_micro"] pairs, each cut into o["ranks"] (default 1)
+    rank slices that BatchNorm normalises on their own, moving that rank's running statistics (the
+    model ends with rank 0's, those the trainer exports). o["accumulation"]: "contrastive" (default)
+    takes one loss over all the step's pairs; "plain" one loss per global micro-batch, the gradients
+    averaged. o["save"]: write the final model there (msclip.save_checkpoint).
+    o["pass1_moves_statistics"]: a wrong trainer, for blindness checks: every rank slice also goes
+    through the model once without gradient before the step, moving the running statistics twice."""
     torch.manual_seed(o["seed"])
     model = msclip.create_model(o["preset"], **o.get("overrides", {}))
     if o.get("logit_scale_init") is not None:
@@ -51,29 +59,61 @@ def reference(o):
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     renders = shapes.SyntheticCaptions("train", length=o["samples"], image_size=model.config.image_size, seed=o["seed"])
-    groups = tuple(int(v) for v in o["hard_negatives"].split("x"))
-    order = ((epoch, batch) for epoch in range(1000)
-             for batch in shapes.minimal_pair_batches(len(renders), o["global_micro"], o["seed"], epoch, *groups))
+    def epoch_batches(epoch):  # train_ds's order: data.train_loader
+        if o["hard_negatives"] == "none":
+            return data.epoch_batches(len(renders), o["global_micro"], o["seed"], epoch)
+        groups = tuple(int(v) for v in o["hard_negatives"].split("x"))
+        return shapes.minimal_pair_batches(len(renders), o["global_micro"], o["seed"], epoch, *groups)
+
+    order = ((epoch, batch) for epoch in range(1000) for batch in epoch_batches(epoch))
+    ranks = o.get("ranks", 1)
+    micro = o["global_micro"] // ranks
+    statistics = [dict(model.named_buffers()) for _ in range(ranks)]
+
+    def use_statistics(rank):
+        """Rank `rank`'s BatchNorm statistics in the model, as copies: a forward moves them in place,
+        and autograd checks that what an earlier forward read is unchanged."""
+        for name, value in statistics[rank].items():
+            module, _, attribute = name.rpartition(".")
+            setattr(model.get_submodule(module), attribute, value.clone())
+
+    def encode(epoch, indices, rank):
+        """One rank slice through the model, moving that rank's BatchNorm statistics."""
+        use_statistics(rank)
+        samples = [renders[(epoch, i)] for i in indices]
+        out = model(data.normalize_images(torch.stack([s[0] for s in samples])), torch.stack([s[1] for s in samples]))
+        statistics[rank] = dict(model.named_buffers())
+        return out
+
     loss_fn = msclip.ContrastiveLoss()
     losses, scales, norms = [], [], []
     for _ in range(steps):
-        total = 0.0
-        for _ in range(o["accum"]):
-            epoch, batch = next(order)
-            samples = [renders[(epoch, i)] for i in batch]
-            images = data.normalize_images(torch.stack([s[0] for s in samples]))
-            tokens = torch.stack([s[1] for s in samples])
-            loss = loss_fn(*model(images, tokens))
-            (loss / o["accum"]).backward()
-            total += loss.item()
+        slices = [(epoch, batch[r * micro: (r + 1) * micro], r) for epoch, batch in
+                  (next(order) for _ in range(o["accum"])) for r in range(ranks)]
+        if o.get("pass1_moves_statistics"):
+            with torch.no_grad():
+                for piece in slices:
+                    encode(*piece)
+        outputs = [encode(*piece) for piece in slices]
+        logit_scale = outputs[0][2]
+        if o.get("accumulation", "contrastive") == "contrastive":
+            loss = loss_fn(torch.cat([out[0] for out in outputs]), torch.cat([out[1] for out in outputs]), logit_scale)
+        else:
+            per_micro = [outputs[j: j + ranks] for j in range(0, len(outputs), ranks)]
+            loss = sum(loss_fn(torch.cat([out[0] for out in part]), torch.cat([out[1] for out in part]), logit_scale)
+                       for part in per_micro) / o["accum"]
+        loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])))
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(total / o["accum"])
+        losses.append(loss.item())
         scales.append(model.logit_scale.item())
+    use_statistics(0)
+    if o.get("save"):
+        msclip.save_checkpoint(model, o["save"])
     return {"losses": losses, "logit_scales": scales, "grad_norms": norms}
 
 
@@ -143,6 +183,49 @@ def recording_evaluation():
     return records, restore
 
 
+def recording_reductions():
+    """Patch DeepSpeed to record the ZeRO 1/2 optimizer's gradient buckets (one per type it reduces
+    in) and every reduction collective that engine.backward issues: elements by the tensor's type,
+    summed over the run. Returns (records, restore)."""
+    import deepspeed.comm as ds_comm
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
+    records, inside = {"buckets": [], "reduced": {}}, [False]
+    saved = {(Zero, "__init__"): Zero.__init__, (DeepSpeedEngine, "backward"): DeepSpeedEngine.backward}
+    saved.update({(ds_comm, n): getattr(ds_comm, n) for n in ("all_reduce", "reduce", "reduce_scatter_tensor",
+                                                              "reduce_scatter_fn", "all_reduce_coalesced")})
+
+    def init(self, *args, **kwargs):
+        saved[(Zero, "__init__")](self, *args, **kwargs)
+        records["buckets"] = sorted(str(dtype).replace("torch.", "") for dtype in self.ipg_buckets)
+
+    def backward(self, *args, **kwargs):
+        inside[0] = True
+        try:
+            return saved[(DeepSpeedEngine, "backward")](self, *args, **kwargs)
+        finally:
+            inside[0] = False
+
+    def collective(name):
+        def call(tensor, *args, **kwargs):
+            if inside[0]:
+                for t in tensor if isinstance(tensor, (list, tuple)) else [tensor]:
+                    key = f"{name}|{str(t.dtype).replace('torch.', '')}"
+                    records["reduced"][key] = records["reduced"].get(key, 0) + t.numel()
+            return saved[(ds_comm, name)](tensor, *args, **kwargs)
+        return call
+
+    Zero.__init__, DeepSpeedEngine.backward = init, backward
+    for owner, name in saved:
+        if owner is ds_comm:
+            setattr(ds_comm, name, collective(name))
+
+    def restore():
+        for (owner, name), value in saved.items():
+            setattr(owner, name, value)
+    return records, restore
+
+
 def recording_lrs():
     """Patch torch.optim.AdamW.step to record, per call, [learning rate, weight decay] of every
     parameter group as the optimizer applies them (DeepSpeed calls it at every optimizer step it does
@@ -172,13 +255,16 @@ def main():
         else:
             counts, restore = counting_host_reads() if run.get("count_host_reads") else (None, None)
             records, stop_recording = recording_evaluation() if run.get("record_evaluation") else (None, None)
+            reductions, stop_reductions = recording_reductions() if run.get("record_reductions") else (None, None)
             lrs, stop_lrs = recording_lrs() if run.get("record_lrs") else (None, None)
             try:
                 result = train_ds.main(run["argv"])
             finally:
-                for undo in (restore, stop_recording, stop_lrs):
+                for undo in (restore, stop_recording, stop_reductions, stop_lrs):
                     if undo:
                         undo()
+            if reductions is not None:
+                result["reductions"] = reductions
             if lrs is not None:
                 result["applied_lrs"] = lrs
             if counts is not None:
@@ -195,6 +281,7 @@ def main():
                 steps, evals = read_metrics(out_dir)
                 result.update(losses=[e["loss"] for e in steps], steps=[e["step"] for e in steps],
                               logit_scales=[e["logit_scale"] for e in steps], lrs=[e["lr"] for e in steps],
+                              data_waits=[e["data_wait"] for e in steps],
                               evals=evals, skipped_logged=steps[-1]["skipped"] if steps else {})
             results[run["name"]] = result
         results[run["name"]]["seconds"] = time.time() - started

@@ -42,9 +42,9 @@ def write_tar(path, samples):
     return str(path)
 
 
-def encoded_image(image, fmt):
+def encoded_image(image, fmt, **options):
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
 
 
@@ -132,19 +132,26 @@ TRAIN_RUNS = os.path.join(ROOT, "tests", "_train_runs.py")
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 # One optimisation setting, shared by the plain-PyTorch reference and every DeepSpeed run of the
-# equality check: BatchNorm-free shared-weight preset, gradient accumulation, clipping that bites,
-# warm-up + cosine, and a logit scale starting above ln(100) so that the clamp acts from step 1.
+# equality check: BatchNorm-free shared-weight preset, gradient accumulation (every pair of the 32
+# a negative of every other), clipping that bites, warm-up + cosine, and a logit scale starting
+# above ln(100) so that the clamp acts from step 1.
 EQUAL = dict(preset="msclip-tiny", layers=3, steps=5, global_micro=16, accum=2, lr=5e-4, lr_shared=3e-4, wd=0.05,
              wd_shared=0.2, warmup=2, warmup_start=0.01, min_lr_ratio=0.1, grad_clip=0.5, logit_scale_init=4.7,
              hard_negatives="4x2", samples=640, seed=3)
+MODEL_OVERRIDES = ("layers", "fusion_layers")  # keys of a setting that change the preset's model
 
 
-def equal_argv(out_dir, ranks, stage):
-    e = EQUAL
-    return ["--preset", e["preset"], "--layers", str(e["layers"]), "--steps", str(e["steps"]),
+def setting_argv(setting, out_dir, ranks, stage):
+    """train_ds.py's options for a setting like EQUAL, its global micro-batch split over `ranks`."""
+    e, model = setting, []
+    for key in MODEL_OVERRIDES:
+        if key in e:
+            model += [f"--{key}", ",".join(map(str, e[key])) if isinstance(e[key], tuple) else str(e[key])]
+    return ["--preset", e["preset"], *model, "--steps", str(e["steps"]),
             "--batch_size", str(e["global_micro"] // ranks), "--grad_accum", str(e["accum"]), "--lr", str(e["lr"]),
             "--lr_shared", str(e["lr_shared"]), "--wd", str(e["wd"]), "--wd_shared", str(e["wd_shared"]),
-            "--warmup_steps", str(e["warmup"]), "--min_lr_ratio", str(e["min_lr_ratio"]),
+            "--warmup_steps", str(e["warmup"]), "--warmup_start_ratio", str(e["warmup_start"]),
+            "--min_lr_ratio", str(e["min_lr_ratio"]),
             "--grad_clip", str(e["grad_clip"]), "--logit_scale_init", str(e["logit_scale_init"]),
             "--hard_negatives", e["hard_negatives"], "--synthetic_samples", str(e["samples"]),
             "--seed", str(e["seed"]), "--zero_stage", str(stage), "--log_every", "1", "--eval_every", "-1",
@@ -152,10 +159,15 @@ def equal_argv(out_dir, ranks, stage):
             "--ds_set", "zero_optimization.stage3_max_reuse_distance=0", "--out_dir", out_dir]
 
 
-def reference_spec():
-    """EQUAL as tests/_train_runs.py's plain-PyTorch reference takes it."""
-    ref = {k: v for k, v in EQUAL.items() if k != "layers"}
-    return {**ref, "overrides": {"layers": EQUAL["layers"]}}
+def equal_argv(out_dir, ranks, stage):
+    return setting_argv(EQUAL, out_dir, ranks, stage)
+
+
+def reference_spec(setting=EQUAL, **options):
+    """A setting as tests/_train_runs.py's plain-PyTorch reference takes it, with its other options
+    (ranks, accumulation, save, ...)."""
+    ref = {k: v for k, v in setting.items() if k not in MODEL_OVERRIDES}
+    return {**ref, "overrides": {k: setting[k] for k in MODEL_OVERRIDES if k in setting}, **options}
 
 
 def trainer_env(tmp, name):

@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import data
 import msclip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,6 +110,31 @@ def test_compare_mode_runs_train_mode_per_preset(tmp_path, capsys, monkeypatch):
         assert r["peak_memory"] > r["memory_before_model"] > 0 and r["pairs_per_s"] > 0 and r["mfu"] > 0
 
 
+def test_accumulated_step_is_the_whole_batch_step():
+    """What --accum measures is train_ds.contrastive_step, and on a BatchNorm-free model its step over
+    4 micro-batches is the step over the whole batch: the same loss and gradients (compared in AdamW's
+    first moment, 0.1 x the gradient after one step, since the first update of each weight is about
+    lr x the sign of its gradient, which amplifies the rounding of gradients near zero)."""
+    args = bench.parse_args(["--preset", "clip-tiny", "--batch-size", "8", "--accum", "4"])
+    torch.manual_seed(0)
+    model = msclip.create_model("clip-tiny", layers=2)
+    trainers = [bench.Trainer(model, args, torch.device("cpu")),
+                bench.AccumulatingTrainer(copy.deepcopy(model), args, torch.device("cpu"))]
+    images, tokens = bench.host_batch(model.config, 8, torch.device("cpu"))
+    losses = [trainers[0].step(data.normalize_images(images), tokens), trainers[1].step(images, tokens)]
+    assert losses[1].item() == pytest.approx(losses[0].item(), abs=1e-6)
+    moments = [torch.cat([t.optimizer.state[p]["exp_avg"].flatten() for p in t.model.parameters()]) for t in trainers]
+    assert (moments[0] - moments[1]).abs().max() <= 1e-4 * moments[0].abs().max()  # rounding: 3e-5 measured
+
+
+def test_accumulation_mode(monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                 # for the two bench.py processes it starts
+    result = bench.main(["--mode", "accumulation", "--preset", "clip-tiny", "--batch-size", "8", "--warmup", "0",
+                         "--steps", "1"])
+    assert [r["batch_size"] for r in result["results"]] == [8, 8]
+    assert "4 x 2 pairs" in capsys.readouterr().out
+
+
 def test_largest_batch_search_is_for_cuda_only():
     with pytest.raises(SystemExit, match="CUDA"):
         bench.main(["--device", "cpu", "--batch-size", "max"])
@@ -139,3 +165,23 @@ def test_zero_mode_two_ranks(tmp_path):
     (result,) = json.loads(out.read_text())["results"]
     assert result["stage"] == 3 and result["world"] == 2 and [r["rank"] for r in result["ranks"]] == [0, 1]
     assert all(r["peak_memory"] > 0 and math.isfinite(r["loss"]) for r in result["ranks"])
+
+
+def test_data_mode_per_core_figures_and_data_wait():
+    """The three kinds of shards with PIL's floor and this pipeline's rate per CPU-second, cores per
+    GPU for an H200 at 40% MFU from this preset's FLOPs, and train_ds.py's data wait end to end."""
+    result = bench.main(["--mode", "data", "--preset", "msclip-s-tiny", "--data-shards", "1", "--data-per-shard", "64",
+                         "--data-rounds", "1", "--batch-size", "4", "--warmup", "1", "--steps", "1"])
+    assert [k["kind"] for k in result["kinds"]] == [name for name, *_ in bench.DATA_KINDS]
+    for kind in result["kinds"]:
+        assert kind["floor_per_cpu_s"] > 0 and kind["msclip_per_cpu_s"] > 0 and kind["openclip_per_cpu_s"] is None
+        assert kind["cores_per_gpu"] == pytest.approx(result["target_pairs_per_s"] / kind["msclip_per_cpu_s"] + 1)
+    config = msclip.MSCLIPConfig(**msclip.PRESETS["msclip-s-tiny"])
+    assert result["target_pairs_per_s"] == pytest.approx(0.4 * 989e12 / (3 * bench.model_flops(config, 17)["total"]))
+    assert 0 <= result["data_wait"] <= 1 and result["train_ds_pairs_per_s"] > 0
+
+
+def test_csv_mode():
+    result = bench.main(["--mode", "csv", "--csv-rows", "20000"])
+    assert result["rows"] == 20000 and result["seconds"] > 0 and result["retained"] > 0
+    assert result["worker_copied"] < result["file_bytes"] / 2  # the rows stay shared with a forked worker

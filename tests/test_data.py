@@ -3,7 +3,9 @@ eval.py: CSV rows (one reader for training and evaluation), the WebDataset train
 (cross-shard shuffling, exactly-once epochs over ranks and workers, exact resume, bad shards),
 uint8 transport against msclip.ImageTransform's float path, high-bit-depth images, and the
 tokenizer's bounded caches. In-process, no DeepSpeed."""
+import io
 import itertools
+import os
 import pickle
 import random
 
@@ -79,8 +81,9 @@ def test_heldout_evaluation_set_is_fixed():
 
 def test_epoch_batches():
     batches = data.epoch_batches(640, 32, 0, 0)
-    assert len(batches) == 20 and sorted(i for b in batches for i in b) == list(range(640))
-    assert batches == data.epoch_batches(640, 32, 0, 0) and batches != data.epoch_batches(640, 32, 0, 1)
+    assert len(batches) == 20 and sorted(batches.flatten().tolist()) == list(range(640))
+    assert (batches == data.epoch_batches(640, 32, 0, 0)).all() and (batches != data.epoch_batches(640, 32, 0, 1)).any()
+    assert data.epoch_batches(650, 32, 0, 0).shape == (20, 32)  # the last partial batch dropped
 
 
 def test_minimal_pair_batches():
@@ -106,10 +109,24 @@ def test_map_style_batches_rank_slices_and_resume():
     make = lambda e: data.epoch_batches(640, 32, 0, e)  # noqa: E731
     batches = make(0)
     slices = [next(data.map_style_batches(make, 0, r, 16)) for r in range(2)]
-    assert [i for _, i in slices[0] + slices[1]] == batches[0]  # rank slices: disjoint, complete, in rank order
+    assert [i for _, i in slices[0] + slices[1]] == batches[0].tolist()  # rank slices: disjoint, complete, in order
     stream = data.map_style_batches(make, 0, 0, 32)
     expected = [next(stream) for _ in range(26)][-1]  # micro-batch 25 = epoch 1, batch 5
     assert next(data.map_style_batches(make, 25, 0, 32)) == expected and expected[0][0] == 1
+
+
+def test_missing_shards_lists_each_folder_once(tmp_path, monkeypatch):
+    """Start-up's check: one directory listing per folder, not a stat per shard; pipe: commands unchecked."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        for i in range(3):
+            (tmp_path / folder / f"{i}.tar").write_bytes(b"")
+    listings, scandir = [], os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: listings.append(path) or scandir(path))
+    monkeypatch.setattr(os, "stat", None)  # any stat would fail
+    shards = data.expand_shards(f"{tmp_path}/a/{{0..3}}.tar::{tmp_path}/b/{{0..2}}.tar::pipe:false")
+    assert data.missing_shards(shards) == [f"{tmp_path}/a/3.tar"]
+    assert sorted(listings) == [str(tmp_path / "a"), str(tmp_path / "b")]
 
 
 def test_expand_shards():
@@ -150,12 +167,40 @@ def test_one_csv_reader_for_training_and_evaluation(tmp_path):
         assert [(r["path"], r["captions"]) for r in evaluation.splits["test"]] == [(p, [c]) for p, c in expected]
         if header:
             training = data.CsvCaptions(str(tmp_path / name), 8, 0, separator, *header)
-            assert list(zip(training.paths, training.captions)) == expected
+            assert [(os.path.join(training.root, p), c) for p, c in zip(training.paths, training.captions)] == expected
     with pytest.raises(data.DataError, match="no column 'title'"):
         data.read_csv(tmp_path / "comma.csv", ",", "image", "title")
     (tmp_path / "short.csv").write_text("filepath,label\na.png,0\nb.png\n")
-    with pytest.raises(data.DataError, match="line 3"):
-        data.read_csv(tmp_path / "short.csv")
+    with pytest.raises(data.DataError, match="line 3"):  # rows are streamed: found when read
+        list(data.read_csv(tmp_path / "short.csv"))
+
+
+def test_csv_rows_packed_in_about_the_file_size(tmp_path):
+    """CsvCaptions holds paths and captions as bytes + offsets (PackedStrings), not Python objects per
+    row: what stays allocated after reading a 30,000-row TSV is within 1.25x the file's size (1.14x
+    measured, 4-byte offsets of 68-byte rows included; Python lists of str took 2.9x), and rows read
+    back as Python's csv module reads them."""
+    import csv
+    import tracemalloc
+    rng = random.Random(0)
+    words = "a photo of the red blue dog cat on beach at night with small large tree".split()
+    rows = [[f"images/{i // 1000:05d}/{i:09d}.jpg", " ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))]
+            for i in range(30000)]
+    rows[7][1] = "quoted, with a\ttab and a \"quote\""
+    path = tmp_path / "cc.tsv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter="\t").writerows([["filepath", "title"]] + rows)
+    (tmp_path / rows[0][0]).parent.mkdir(parents=True)
+    (tmp_path / rows[0][0]).write_bytes(b"")  # CsvCaptions refuses a file none of whose first images exists
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    table = data.CsvCaptions(str(path))
+    kept = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert kept < 1.25 * path.stat().st_size, (kept, path.stat().st_size)
+    assert table.paths.bytes.dtype == np.uint8 and table.paths.ends.dtype == np.uint32 and len(table) == 30000
+    for i in (0, 7, 12345, 29999):
+        assert (os.path.join(table.root, table.paths[i]), table.captions[i]) == (str(tmp_path / rows[i][0]), rows[i][1])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,21 +267,23 @@ def test_webdataset_split_over_ranks_and_workers(tmp_path):
     assert reasons.count("corrupt") == 2 and reasons.count("missing") == 1 and reasons.count("empty_caption") == 1
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_webdataset_resume_gives_the_same_stream(tmp_path, workers):
+@pytest.mark.parametrize("workers, resampled", [(0, None), (2, None), (0, 20), (2, 20)])
+def test_webdataset_resume_gives_the_same_stream(tmp_path, workers, resampled):
     """Stopped after k batches, a loader started from the saved positions (as the trainer saves them:
     the last consumed position of each worker) continues the uninterrupted stream exactly: inside a
-    group of interleaved shards, at a group boundary, across an epoch boundary."""
+    group of interleaved shards, at a group boundary, across an epoch boundary; shards read once per
+    epoch, or resampled (epochs of 20 samples)."""
     write_tagged_shards(tmp_path, shards=8, per_shard=6)
     spec = str(tmp_path / "{00000..00007}.tar")
-    stream = data.open_train_data("webdataset", spec, image_size=8, seed=5, shuffle_buffer=5, interleave=2)
+    stream = data.open_train_data("webdataset", spec, image_size=8, seed=5, shuffle_buffer=5, interleave=2,
+                                  resampled_epoch=resampled)
 
     def batches(start_batch=0, start=None, count=30):
         loader = data.train_loader(stream, 4, 0, 1, workers, start_micro_batch=start_batch, stream_start=start)
         return list(itertools.islice(loader, count))
 
     whole = batches()
-    assert {p[1] for b in whole for p in b[3]} == {0, 1, 2}  # the stream crosses epochs
+    assert {p[1] for b in whole for p in b[3]} >= {0, 1, 2}  # the stream crosses epochs
     for k in (1, 3, 6, 7, 12, 17):
         position = {}
         for _, _, _, positions in whole[:k]:
@@ -250,9 +297,10 @@ def test_webdataset_start_of_another_layout(tmp_path):
     """A worker without a saved position (more workers, or another number of ranks, than when saved)
     starts the oldest saved epoch; (epoch, 0) is the epoch's start."""
     shards = write_tagged_shards(tmp_path, shards=4, per_shard=4)
-    assert data.ShardStream(shards, start={0: (1, (2, 5))}).start_of(0) == (1, 2, 5)
-    assert data.ShardStream(shards, start={0: (2, (0, 3)), 1: (1, (1, 0))}).start_of(3) == (1, 0, 0)
-    assert data.ShardStream(shards, start={-1: (1, 0)}).start_of(1) == (1, 0, 0)
+    assert data.ShardStream(shards, start={0: (1, (2, 5))}).start_of(0) == (1, 2, 5, 0)
+    assert data.ShardStream(shards, start={0: (1, (2, 5, 9))}).start_of(0) == (1, 2, 5, 9)  # resampled
+    assert data.ShardStream(shards, start={0: (2, (0, 3)), 1: (1, (1, 0))}).start_of(3) == (1, 0, 0, 0)
+    assert data.ShardStream(shards, start={-1: (1, 0)}).start_of(1) == (1, 0, 0, 0)
     first = next(iter(data.ShardStream(shards, image_size=8, start={-1: (1, 0)})))
     assert first[3][1] == 1
 
@@ -318,6 +366,55 @@ def test_uint8_transport_equals_the_float_transform(train):
     assert torch.equal(data.normalize_images(uint8, dtype=torch.bfloat16), floats.to(torch.bfloat16))
 
 
+def natural_photo(rng, width, height):
+    """Colour noise with a 1/f amplitude spectrum, the spectrum of natural photographs (JPEG's DCT
+    scaling drops the high frequencies, which such images hold in natural proportion)."""
+    fx, fy = np.fft.fftfreq(width)[None, :], np.fft.fftfreq(height)[:, None]
+    falloff = np.hypot(fx, fy)
+    falloff[0, 0] = 1
+    channels = [np.real(np.fft.ifft2((rng.normal(size=(height, width)) + 1j * rng.normal(size=(height, width))) / falloff))
+                for _ in range(3)]
+    pixels = np.stack([(c - c.mean()) / c.std() for c in channels], -1) * 40 + 128
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / mse) if mse else np.inf
+
+
+def test_draft_decoded_training_crops(monkeypatch):
+    """Training crops of JPEGs decode at a reduced DCT scale when the crop allows (1024 x 768 -> 1/2
+    for a 224 px crop of >= 90% of the area): the same crop box (the same random draws), within
+    40 dB PSNR of the full decode. Why 40 dB: a quality-90 JPEG of these images is itself 39.4 dB
+    from its original at 224 px (measured), so the draft adds less error than the encoding the data
+    came in. Where no reduced scale keeps 224 px (256 x 256), PNGs, and evaluation (the official
+    transform): bit for bit the full decode."""
+    from PIL import JpegImagePlugin
+    drafts, draft = [], JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: drafts.append(size) or draft(self, mode, size))
+    rng = np.random.default_rng(3)
+    train, evaluation = data.PixelTransform(224, train=True), data.PixelTransform(224)
+    for width, height, fmt, mode in ((1024, 768, "JPEG", "RGB"), (1024, 768, "JPEG", "L"), (256, 256, "JPEG", "RGB"),
+                                     (1024, 768, "PNG", "RGB")):
+        for i in range(4):
+            encoded = encoded_image(natural_photo(rng, width, height).convert(mode), fmt,
+                                    **({"quality": 90} if fmt == "JPEG" else {}))
+            drafts.clear()
+            draws, reference = random.Random(i), random.Random(i)
+            fast = train.read(encoded, "x", draws).numpy()
+            full = train(data.read_image(encoded, "x"), reference).numpy()
+            assert draws.random() == reference.random()  # the crop box drawn as always
+            if (width, fmt) == (1024, "JPEG"):
+                assert drafts == [(512, 384)] and psnr(fast, full) >= 40, (mode, psnr(fast, full))
+            else:
+                assert drafts == [] and np.array_equal(fast, full), (width, fmt)
+            drafts.clear()
+            official = msclip.ImageTransform(224).pixels(Image.open(io.BytesIO(encoded))).transpose(2, 0, 1)
+            assert np.array_equal(evaluation.read(encoded, "x").numpy(), official) and drafts == []
+
+
 def test_training_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
     """A training item's random crop is drawn from (seed, epoch, index) only: a fresh dataset (a
     DataLoader worker's copy) gives it again, another epoch or seed another crop. The held-out split
@@ -366,3 +463,104 @@ def test_tokenizer_caches_are_bounded_and_ids_unchanged():
     again = pickle.loads(pickle.dumps(small))  # DataLoader workers get a copy
     assert again.word_cache.capacity == 8 and list(again.word_cache) == list(small.word_cache)
     assert torch.equal(again(captions), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# DataLoader workers by default: the rank's share of the node's cores
+# ----------------------------------------------------------------------------------------------
+
+def test_default_workers_from_the_node(monkeypatch):
+    """An 8-GPU node: the rank's affinity split over the ranks that share it, less one for the rank,
+    within 1..16; ranks pinned to their own cores (srun --cpus-per-task) share nothing; CPU training 1."""
+    import distributed
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert distributed.node_cores() == (96, 8)
+    assert data.default_workers(96, 8, True)[0] == 96 // 8 - 1
+    assert data.default_workers(224, 8, True)[0] == 16 and "at most 16" in data.default_workers(224, 8, True)[1]
+    assert data.default_workers(8, 8, True)[0] == 1 and data.default_workers(96, 8, False)[0] == 1
+    # the gathered affinities: 8 ranks on this host and 8 on another, all on the same 96 cores (deepspeed)
+    # or each pinned to 10 of its own (srun --cpus-per-task 10)
+    host = __import__("socket").gethostname()
+    for layout, mine, expected in (("shared", set(range(96)), (96, 8)), ("pinned", set(range(10, 20)), (10, 1))):
+        everyone = [(h, list(range(96)) if layout == "shared" else list(range(10 * r, 10 * r + 10)))
+                    for h in (host, "other-node") for r in range(8)]
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, mine=mine: mine)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: len(everyone))
+        monkeypatch.setattr(torch.distributed, "all_gather_object",
+                            lambda out, obj, group=None, everyone=everyone: out.__setitem__(slice(None), everyone))
+        assert distributed.node_cores(group=object()) == expected, layout
+    assert data.default_workers(10, 1, True)[0] == 9
+
+
+def test_webdataset_resampled_draws_shards_with_replacement(tmp_path):
+    """Resampled epochs: each worker yields epoch_samples / (ranks x workers) samples per epoch, from
+    shards drawn with replacement (a shard's samples come twice within an epoch while others do not
+    come at all: 8 shards, groups of 2, 60 samples per worker-epoch), differently per rank and epoch,
+    the same for the same seed. Fewer shards than ranks x workers is fine."""
+    write_tagged_shards(tmp_path, shards=8, per_shard=6)
+    shards = [str(tmp_path / f"{s:05d}.tar") for s in range(8)]
+
+    def epochs(rank, world=2, seed=0, count=120):
+        stream = data.ShardStream(shards, image_size=8, seed=seed, rank=rank, world_size=world, shuffle_buffer=4,
+                                  interleave=2, epoch_samples=240)
+        loader = data.train_loader(stream, 4, rank, world, 2)
+        out = {}
+        for _, tokens, _, positions in itertools.islice(loader, count // 4):
+            for t, (worker, epoch, place) in zip(tokens, positions):
+                out.setdefault((epoch, worker), []).append(caption_of(t))
+        return out
+
+    first = epochs(0)
+    assert sorted(first) == [(0, 0), (0, 1)] and all(len(v) == 60 for v in first.values())  # 240 / (2 x 2)
+    captions = first[0, 0]
+    assert len(set(captions)) < len(captions) or len({c.split()[1] for c in captions}) < 8  # drawn with replacement
+    assert epochs(0) == first and epochs(1) != first and epochs(0, seed=1) != first
+    loader = data.train_loader(data.ShardStream(shards[:1], image_size=8, interleave=2, epoch_samples=8), 4, 3, 4, 2)
+    assert next(iter(loader))[0].shape == (4, 3, 8, 8)  # 1 shard, 4 ranks x 2 workers
+
+
+def test_pipe_shards(tmp_path):
+    """'pipe:cat FILE' gives the file's samples (read_tar: in the same order); a command that fails ('false', or a
+    tar cut short by a non-zero exit) is an unreadable shard, skipped and counted as corrupt, and
+    when no shard is readable the stream stops with the error naming them; a stream dropped midway
+    kills its command."""
+    shards = write_tagged_shards(tmp_path, shards=4, per_shard=5)
+    piped = [f"pipe:cat {s}" for s in shards]
+    assert data.expand_shards(f"pipe:cat {tmp_path}/{{00000..00003}}.tar") == piped
+    assert [k for k, _ in data.read_tar(piped[2])] == [k for k, _ in data.read_tar(shards[2])]
+
+    def captions(names, count=20, **options):
+        stream = data.ShardStream(names, image_size=8, shuffle_buffer=3, interleave=2, **options)
+        items = list(itertools.islice(stream, count))
+        return [caption_of(item[1]) for item in items], [s for item in items for s in item[2]]
+
+    assert sorted(captions(piped)[0]) == sorted(captions(shards)[0])  # the order follows the names: not compared
+    good, skipped = captions(piped[:3] + ["pipe:false", f"pipe:cat {shards[3]}; exit 3"], count=30)
+    # epoch 0: all but the sample being read when the command failed (it may lack members)
+    assert sorted(good[:19]) == sorted(f"shard {s} sample {j}" for s in range(4) for j in range(5) if (s, j) != (3, 4))
+    assert {where for _, where in skipped} == {"pipe:cat %s; exit 3:(unreadable)" % shards[3], "pipe:false:(unreadable)"}
+    assert {reason for reason, _ in skipped} == {"corrupt"}
+    with pytest.raises(RuntimeError, match="no readable sample.*pipe:false"):
+        captions(["pipe:false", "pipe:exit 2"])
+    with pytest.raises(RuntimeError, match="every one of the 2 shards"):
+        captions(["pipe:false", "pipe:exit 2"], epoch_samples=10)
+    errors = [files["error"] for _, files in data.read_tar("pipe:false")]
+    assert errors == ["pipe:false: exit status 1, ReadError: empty file"]
+    reader = data.read_tar(f"pipe:cat {shards[0]}; sleep 31.7")
+    next(reader)
+    reader.close()
+    for _ in range(50):  # the kill is synchronous; /proc may list the reaped process a moment longer
+        running = [p for p in os.listdir("/proc") if p.isdigit() and "31.7" in _cmdline(p)]
+        if not running:
+            break
+        __import__("time").sleep(0.1)
+    assert not running
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""

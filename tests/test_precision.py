@@ -52,15 +52,16 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_bf16_trains_msclip_s_close_to_fp32(runs, stage):
     """bf16 (autocast, fp32 weights) follows the fp32 run from the same seed. Each logged loss is the
-    mean of 4 micro-batch losses (3.0 then 3.5: the logit scale sits at 100, where a bf16 rounding of
-    the features, 2^-9 relative, moves a logit by up to ~0.2). Measured gaps to fp32: 0.007 to 0.044
-    over ZeRO 0, 1 and 3 (ZeRO 1 and 3 also reduce the gradients of linear and convolution weights
-    in bf16). The tolerance, 0.15, is 3x the largest gap and a third of what the loss moves between
-    the two logs (0.5): a run that diverges, stalls or trains on other data falls outside it."""
+    mean of 2 steps' losses, each over the 16 pairs of 2 micro-batches x 2 ranks (3.75 then 3.55: the
+    logit scale sits at 100, where a bf16 rounding of the features, 2^-9 relative, moves a logit by up
+    to ~0.2). Measured gaps to fp32: 0.008 to 0.027 over ZeRO 0, 1 and 3 (ZeRO 1 and 3 also reduce the
+    gradients of linear and convolution weights in bf16). The tolerance, 0.08, is 3x the largest gap
+    and under half of what the loss moves between the two logs (0.2): a run that diverges, stalls or
+    trains on other data falls outside it."""
     fp32, bf16 = runs[1]["fp32_zero1"], runs[1][f"bf16_zero{stage}"]
     assert bf16["steps"] == fp32["steps"] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY))
     assert all(math.isfinite(v) for v in bf16["losses"])
-    assert bf16["losses"] == pytest.approx(fp32["losses"], abs=0.15)
+    assert bf16["losses"] == pytest.approx(fp32["losses"], abs=0.08)
     assert bf16["losses"] != fp32["losses"]  # autocast did run in bf16
     assert bf16["lrs"] == fp32["lrs"]
 
@@ -76,14 +77,16 @@ def test_master_logit_scale_clamped(runs, stage):
 
 
 def non_log_reads(counts):
-    """Host reads made during steps 2..STEPS other than at a log step (engine steps counted in
-    micro-batches). Step 1 is left out: ZeRO-3 records its parameter trace there, once."""
+    """Host reads made from the second engine step of step 2 on, other than at a log step (engine
+    steps counted in micro-batches). ZeRO-3 records its parameter trace before, once: its first trace,
+    of step 1's forwards without gradient (contrastive accumulation), ends at the first backward, and
+    the next, of a forward and backward, is checked over the ranks as step 2 starts."""
     out = {}
     for key, n in counts.items():
         done, file, function, method = key.split("|")
         done = int(done)
         at_log = done % ACCUM == 0 and (done // ACCUM) % LOG_EVERY == 0
-        if done >= ACCUM and not at_log:
+        if done > ACCUM and not at_log:
             where = f"{file}|{function}|{method}"
             out[where] = out.get(where, 0) + n
     return out

@@ -6,6 +6,7 @@ plain-PyTorch re-computation), one 2-rank `deepspeed` launch (ZeRO 1, 2, 3 and a
 run with checkpoint, resume, export and an evaluation split over the ranks). Results are compared with independent references, never
 with stored numbers. Everything else runs in this process without initialising DeepSpeed.
 """
+import json
 import math
 import os
 import subprocess
@@ -47,9 +48,10 @@ def small_argv(out_dir, data, *extra):
 def one_rank(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one_rank")
     csv = str(write_csv(tmp / "csv"))
-    shards = write_shards(tmp / "shards")
+    shards = write_shards(tmp / "shards", bad=True)
     csv_steps = ["--steps", "12"]  # 48 rows / 8 = 6 steps per epoch: two epochs
-    wds_steps = ["--steps", "8", "--workers", "1"]  # 4 shards x 8 = 4 steps per pass
+    wds_steps = ["--steps", "8", "--workers", "1"]  # 32 good samples in 5 shards = 4 steps per pass
+    resampled = ["--steps", "8", "--workers", "1", "--dataset_resampled", "--train_samples", "20"]
     runs = [{"name": "reference", "reference": reference_spec()},
             {"name": "stage0", "argv": equal_argv(str(tmp / "stage0"), 1, 0)},
             {"name": "csv_full", "argv": small_argv(str(tmp / "csv_full"), csv, *csv_steps, "--save_every", "4",
@@ -59,7 +61,10 @@ def one_rank(tmp_path_factory):
             {"name": "csv_part2", "argv": small_argv(str(tmp / "csv_part"), csv, *csv_steps, "--resume")},
             {"name": "wds_full", "argv": small_argv(str(tmp / "wds_full"), shards, *wds_steps)},
             {"name": "wds_part1", "argv": small_argv(str(tmp / "wds_part"), shards, *wds_steps, "--stop_at", "3")},
-            {"name": "wds_part2", "argv": small_argv(str(tmp / "wds_part"), shards, *wds_steps, "--resume")}]
+            {"name": "wds_part2", "argv": small_argv(str(tmp / "wds_part"), shards, *wds_steps, "--resume")},
+            {"name": "wdsr_full", "argv": small_argv(str(tmp / "wdsr_full"), shards, *resampled)},
+            {"name": "wdsr_part1", "argv": small_argv(str(tmp / "wdsr_part"), shards, *resampled, "--stop_at", "3")},
+            {"name": "wdsr_part2", "argv": small_argv(str(tmp / "wdsr_part"), shards, *resampled, "--resume")}]
     results, log, extensions = launch(tmp, "one_rank", runs, 1)
     return tmp, results, log, extensions
 
@@ -117,6 +122,9 @@ def test_zero3_resume_is_exact(two_ranks):
     full, part1, part2 = results["s_full"], results["s_part1"], results["s_part2"]
     assert part1["steps"] == list(range(1, 6)) and part2["steps"] == list(range(1, 13))  # metrics.jsonl appends
     assert part2["losses"][5:] == full["losses"][5:]  # bit-identical continuation
+    # the data manifest sums both ranks' batches, across the resume too
+    assert manifest(tmp / "s_part") == manifest(tmp / "s_full") == {
+        "samples": 12 * 16, "sources": {"built-in data": 12 * 16}, "skipped": {}}
     assert_same_weights(tmp / "s_full" / "msclip.pt", tmp / "s_part" / "msclip.pt")
     # rank 1's own BatchNorm statistics (ZeRO-3 saves each rank's) are the same although only s_full
     # evaluated at step 6 with rank 0's: the evaluation gave them back
@@ -197,12 +205,47 @@ def test_eval_dataset_during_training(one_rank):
     assert result["synthetic-colour"] == pytest.approx(expected["synthetic-colour"], abs=1e-9)
 
 
-def test_webdataset_resume_is_exact(one_rank):
+@pytest.mark.parametrize("run", ["wds", "wdsr"])
+def test_webdataset_resume_is_exact(one_rank, run):
     """Stopped after 3 steps, inside the shuffle buffer's group of shards: the resumed stream re-reads
-    the group, skips what was consumed, and the result is bit-identical to the uninterrupted run."""
+    the group, skips what was consumed, and the result is bit-identical to the uninterrupted run;
+    shards read once per epoch (wds) or resampled with epochs of 20 samples (wdsr)."""
     tmp, results = one_rank[0], one_rank[1]
-    assert results["wds_part2"]["losses"][3:] == results["wds_full"]["losses"][3:]
-    assert_same_weights(tmp / "wds_full" / "msclip.pt", tmp / "wds_part" / "msclip.pt")
+    assert results[f"{run}_part2"]["losses"][3:] == results[f"{run}_full"]["losses"][3:]
+    assert_same_weights(tmp / f"{run}_full" / "msclip.pt", tmp / f"{run}_part" / "msclip.pt")
+    assert all(0 <= w <= 1 for w in results[f"{run}_full"]["data_waits"])
+
+
+def manifest(out_dir, step=None):
+    root = distributed.checkpoint_root(str(out_dir))
+    tag = f"step_{step:08d}" if step else distributed.latest_checkpoint(str(out_dir))
+    with open(os.path.join(root, tag, "data_manifest.json")) as f:
+        return json.load(f)
+
+
+def test_data_manifest(one_rank):
+    """Each checkpoint's data_manifest.json: the samples trained on add up to steps x batch, per shard
+    at most the shard's readable samples per pass; the skipped samples are the fixtures' bad ones
+    with their reasons; a resumed run's manifest is the uninterrupted run's."""
+    tmp = one_rank[0]
+    wds = manifest(tmp / "wds_full")
+    assert wds["samples"] == sum(wds["sources"].values()) == 8 * 8
+    assert manifest(tmp / "wds_part", 3)["samples"] == 3 * 8
+    readable = {"00000.tar": 8, "00001.tar": 5, "00002.tar": 8, "00003.tar": 8, "00004.tar": 3}  # conftest.write_shards
+    assert {os.path.basename(s): n for s, n in wds["sources"].items()} == {s: 2 * n for s, n in readable.items()}
+    found = {(reason, os.path.basename(where)) for reason, seen in wds["skipped"].items() for where in seen}
+    assert found == {("corrupt", "00001.tar:000000010"), ("missing", "00001.tar:000000012"),
+                     ("empty_caption", "00001.tar:000000014"), ("corrupt", "00004.tar:(unreadable)")}
+    # met twice, once per pass, but a skip is reported with the next readable sample, which may come after step 8
+    assert all(n in (1, 2) for seen in wds["skipped"].values() for n in seen.values())
+    csv = manifest(tmp / "csv_full")
+    assert csv["samples"] == 12 * 8 and list(csv["sources"].values()) == [12 * 8]
+    assert {reason: sorted(seen.items()) for reason, seen in csv["skipped"].items()} == {
+        reason: sorted((str(tmp / "csv" / "images" / f"{row:03d}.png"), 2) for row, r in BAD_ROWS.items() if r == reason)
+        for reason in set(BAD_ROWS.values())}
+    for run in ("wds", "csv", "wdsr"):
+        assert manifest(tmp / f"{run}_part") == manifest(tmp / f"{run}_full"), run
+    assert manifest(tmp / "wdsr_full")["samples"] == 8 * 8
 
 
 def test_no_cpp_op_compiled(one_rank, two_ranks):
@@ -234,6 +277,8 @@ def test_import_does_not_load_deepspeed():
     (["--train_data", "/nonexistent/train.csv"], "no such file"),
     (["--train_data", "/nonexistent/{00000..00003}.tar"], "shards not found"),
     (["--train_data", "/nonexistent/*.tar"], "matches no file"),
+    (["--train_data", "pipe:cat /nonexistent/{0..3}.tar", "--dataset_resampled", "--steps", "5"], "--train_samples"),
+    (["--dataset_resampled"], "for WebDataset"),
     (["--precision", "fp16"], "fp16"),
     (["--batch_size", "16", "--hard_negatives", "3x2"], "hard_negatives"),
     (["--batch_size", "12", "--hard_negatives", "4x2"], "hard_negatives"),
