@@ -11,9 +11,10 @@ any point leaves the rows done. A row that would not fit in what is left of --bu
 written as skipped, with why.
 
 1. machine: torch, CUDA, the GPU, the measured bf16 rate of an 8192^3 matmul (bench.py's).
-2-5. train_ds.py, bf16, msclip-s-b16 and clip-b16 at ZeRO-1 and ZeRO-3: --steps 100 of --batch_size
-   128, logged every 10 steps; the first window (start-up, the DataLoader's prefetched batches,
-   cuDNN's autotuning) is dropped, the rate is the other windows' pairs over their time. Peak
+2-5. train_ds.py, bf16, msclip-s-b16 and clip-b16 at ZeRO-1 and ZeRO-3: --steps 150 of --batch_size
+   128, logged every 10 steps; the windows until the DataLoader's prefetched batches (workers x
+   prefetch_factor, read off the loader) are used up are dropped, the first at least (start-up,
+   cuDNN's autotuning): the rate is the other windows' pairs over their time. Peak
    memory (torch.cuda.max_memory_allocated); the share of that time spent waiting for data
    (metrics.jsonl's data_wait where the trainer reports one, else timed here around each
    next() of the trainer's batch iterator); MFU against the datasheet's dense bf16 peak (989
@@ -30,7 +31,7 @@ written as skipped, with why.
 9-10. msclip-s-b16 ZeRO-1 with --channels_last, then with --compile: against row 2.
 
 Exits 1 if a check failed, 2 if a row could not run. The dry run (--dry-run: CPU, msclip-s-tiny-b16
-and clip-tiny-b16, 4 steps logged every 2, batch 8; the demo shortened, trained in fp32; --compile
+and clip-tiny-b16, 8 steps logged every 2, batch 8, 1 worker; the demo shortened, trained in fp32; --compile
 aot_eager, since inductor's C++ build of a model takes 10 minutes on 2 cores) runs every row with
 the same code; its figures say nothing about a GPU.
 """
@@ -48,10 +49,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-GPU = dict(device="cuda", presets=["msclip-s-b16", "clip-b16"], steps=100, log_every=10, batch=128,
+GPU = dict(device="cuda", presets=["msclip-s-b16", "clip-b16"], steps=150, log_every=10, batch=128,
            demo=["--steps", "600"], eval_samples=512, bench_steps=10, budget=450, timeout=240, compile=["--compile"],
            estimates={"machine": 20, "train": 60, "demo": 70, "eval": 40, "bench": 80, "compile": 180})
-DRY = dict(device="cpu", presets=["msclip-s-tiny-b16", "clip-tiny-b16"], steps=4, log_every=2, batch=8,
+DRY = dict(device="cpu", presets=["msclip-s-tiny-b16", "clip-tiny-b16"], steps=8, log_every=2, batch=8,
            demo=["--steps", "200", "--batch_size", "32", "--lr", "5e-4", "--warmup_steps", "20", "--precision", "fp32"],
            eval_samples=256, bench_steps=2,
            budget=1500, timeout=600, compile=["--compile", "aot_eager"],
@@ -86,7 +87,7 @@ def part_train(args):
     """train_ds.main(argv) in this process, with the time spent in each next() of its batch iterator."""
     import data
     import train_ds
-    waits, original = [], data.train_loader
+    waits, original, prefetched = [], data.train_loader, [0]
 
     class Timed:
         def __init__(self, batches):
@@ -104,13 +105,14 @@ def part_train(args):
 
     def train_loader(*a, **k):
         loader = original(*a, **k)
+        prefetched[0] = loader.num_workers * (loader.prefetch_factor or 0)
         loader.__class__ = type("TimedLoader", (type(loader),), {"__iter__": lambda self: Timed(
             super(type(self), self).__iter__())})
         return loader
 
     data.train_loader = train_loader
     result = train_ds.main(args.argv)
-    return {"result": result, "waits": waits}
+    return {"result": result, "waits": waits, "prefetched": prefetched[0]}
 
 
 def part_eval(args):
@@ -226,7 +228,7 @@ class Check:
         argv = self.train_argv(name, preset, stage, *extra)
         got = self.part("train", name, argv=argv, estimate=self.s["estimates"]["train"])
         steps = read_metrics(os.path.join(self.out, name))
-        return throughput(steps, got["waits"], self.s, preset, self.machine)
+        return throughput(steps, got["waits"], got["prefetched"], self.s, preset, self.machine)
 
     def demo_row(self):
         argv = ["--precision", "bf16", "--zero_stage", "1", "--eval_every", "0", "--save_every", "0",
@@ -324,26 +326,30 @@ def text_flops(preset, batch, samples=8):
     return statistics.mean(flops), statistics.mean(widths)
 
 
-def throughput(steps, waits, s, preset, machine):
-    """Figures of one training from its metrics.jsonl windows (the first dropped) and the waits per
-    micro-batch timed around next()."""
+def throughput(steps, waits, prefetched, s, preset, machine):
+    """Figures of one training from its metrics.jsonl windows and the waits per micro-batch timed
+    around next(). Dropped: the windows that may still draw on the `prefetched` batches the workers
+    made ready before the first step, and the first window at least."""
     per_window = s["log_every"]
-    windows = steps[1:]
+    dropped = max(1, math.ceil(prefetched / per_window))
+    windows = steps[dropped:]
     if not windows:
-        raise RowError(f"only {len(steps)} logged window(s): no steady window after the first")
+        raise RowError(f"only {len(steps)} logged window(s), {dropped} dropped ({prefetched} batches prefetched): "
+                       "no steady window")
     seconds = [per_window * s["batch"] / w["pairs_per_s"] for w in windows]
     pairs_per_s = per_window * s["batch"] * len(windows) / sum(seconds)
     if all("data_wait" in w for w in windows):  # the trainer's own figure (issue 20), a share of each window
         wait, source = sum(w["data_wait"] * t for w, t in zip(windows, seconds)) / sum(seconds), "metrics.jsonl"
     else:
-        timed = waits[per_window: per_window * len(steps)]
+        timed = waits[per_window * dropped: per_window * len(steps)]
         wait, source = sum(timed) / sum(seconds), "timed next()"
     flops, tokens = text_flops(preset, s["batch"])
     achieved = 3 * flops * pairs_per_s
     matmul = machine.get("matmul_tflops")
     spec = machine.get("spec_tflops")
     losses = [w["loss"] for w in steps]
-    entry = {"pairs_per_s": pairs_per_s, "windows_pairs_per_s": [w["pairs_per_s"] for w in windows],
+    entry = {"pairs_per_s": pairs_per_s, "windows_dropped": dropped,
+             "windows_pairs_per_s": [w["pairs_per_s"] for w in windows],
              "peak_memory_gb": max(w["memory_gb"] for w in steps), "data_wait": wait, "data_wait_source": source,
              "text_tokens": tokens, "gflops_per_pair": flops / 1e9, "achieved_tflops": achieved / 1e12,
              "mfu_spec": achieved / (spec * 1e12) if spec else None,

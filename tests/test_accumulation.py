@@ -2,7 +2,7 @@
 pair of the K micro-batches of every rank is a negative of every other, as in one batch of
 K x micro x ranks, at ZeRO 0-3; BatchNorm normalises each micro-batch with its own statistics and
 its running statistics move once per micro-batch; --plain_grad_accum keeps DeepSpeed's plain
-accumulation (negatives within each micro-batch).
+accumulation (negatives within each micro-batch); a stop and resume fall between optimizer steps.
 
 Two launches (tests/_train_runs.py): one process (the 1-rank runs and every plain-PyTorch reference)
 and one 2-rank DeepSpeed launch. Results are compared with other trainings and with the reference,
@@ -11,7 +11,7 @@ never with stored numbers. bf16 with accumulation: tests/test_precision.py.
 import pytest
 import torch
 
-from conftest import EQUAL, launch, reference_spec, setting_argv, state_dict
+from conftest import EQUAL, assert_same_weights, launch, reference_spec, setting_argv, state_dict
 
 import train_ds
 
@@ -44,7 +44,9 @@ def one_rank(tmp_path_factory):
     runs = [{"name": "clip_k4", "argv": setting_argv(CLIP, str(tmp / "clip_k4"), 1, 2)},
             {"name": "clip_k1", "argv": setting_argv(one_batch(CLIP), str(tmp / "clip_k1"), 1, 2)},
             {"name": "clip_k4_plain", "argv": setting_argv(CLIP, str(tmp / "clip_k4_plain"), 1, 2) +
-             ["--plain_grad_accum"]}]
+             ["--plain_grad_accum"]},
+            {"name": "clip_k4_part1", "argv": setting_argv(CLIP, str(tmp / "clip_k4_part"), 1, 2) + ["--stop_at", "2"]},
+            {"name": "clip_k4_part2", "argv": setting_argv(CLIP, str(tmp / "clip_k4_part"), 1, 2) + ["--resume"]}]
     runs += [{"name": f"s_zero{s}", "argv": setting_argv(S, str(tmp / f"s_zero{s}"), 1, s)} for s in (0, 1, 3)]
     runs += [{"name": "s_reference", "reference": reference_spec(S, save=str(tmp / "s_reference.pt"))},
              {"name": "s_pass1_moves_statistics",
@@ -106,6 +108,15 @@ def test_large_batch_check_is_not_blind(one_rank):
     worst = differences(tmp / "clip_k4_plain" / "msclip.pt", tmp / "clip_k1" / "msclip.pt")
     assert max(worst.values()) > 100 * TOLERANCE
     assert results["clip_k4_plain"]["losses"][0] != pytest.approx(results["clip_k1"]["losses"][0], abs=0.1)
+
+
+def test_resume_continues_bit_for_bit(one_rank):
+    """Stopped after step 2 of 3 and resumed: the checkpoint lies between optimizer steps, never inside
+    the accumulation, and the run continues exactly."""
+    tmp, results, _ = one_rank
+    assert results["clip_k4_part1"]["steps"] == [1, 2] and results["clip_k4_part2"]["steps"] == [1, 2, 3]
+    assert results["clip_k4_part2"]["losses"][2:] == results["clip_k4"]["losses"][2:]
+    assert_same_weights(tmp / "clip_k4" / "msclip.pt", tmp / "clip_k4_part" / "msclip.pt")
 
 
 @pytest.mark.parametrize("ranks, stage", [(1, 0), (1, 1), (1, 3), (2, 3)])

@@ -8,6 +8,7 @@ this process against DeepSpeed's own engine code with torch.cuda and the process
 replaced (no GPU here, no DeepSpeed initialisation in this process).
 """
 import argparse
+import datetime
 import math
 import os
 
@@ -85,7 +86,7 @@ def test_srun_one_gpu_per_task(monkeypatch):
     device, calls = start_rank(monkeypatch, SRUN_ONE_GPU_PER_TASK, visible=1)
     assert device == 0
     assert calls == [("set_device", 0), ("init_process_group", "nccl", {
-        "timeout": __import__("datetime").timedelta(minutes=1), "device_id": torch.device("cuda", 0)}),
+        "timeout": datetime.timedelta(minutes=1), "device_id": torch.device("cuda", 0)}),
         ("deepspeed.init_distributed", "nccl")]
     assert os.environ["LOCAL_RANK"] == "5" and os.environ["RANK"] == "13"
     assert torch.backends.cudnn.benchmark is True
@@ -102,7 +103,7 @@ def test_one_rank_binds_no_device_id(monkeypatch):
     """One process: no device_id (DeepSpeed's rule too: a bound 1-rank group splits communicators
     for nothing)."""
     device, calls = start_rank(monkeypatch, {}, visible=1)
-    assert device == 0 and calls[1] == ("init_process_group", "nccl", {"timeout": __import__("datetime").timedelta(minutes=1)})
+    assert device == 0 and calls[1] == ("init_process_group", "nccl", {"timeout": datetime.timedelta(minutes=1)})
 
 
 class FakeAccelerator:
