@@ -795,7 +795,8 @@ print(json.dumps(out))
 
 
 def write_csv(path, rows, seed=0):
-    """A CC12M-like TSV: img2dataset-style relative paths and captions of 6-30 words (mean ~105 characters)."""
+    """A CC12M-like TSV: img2dataset-style relative paths and captions of 6-30 words (mean ~105 characters).
+    Only the first image exists, empty (data.CsvCaptions refuses a file none of whose first images exists)."""
     import random
     rng = random.Random(seed)
     words = " ".join(CAPTIONS).split()
@@ -805,6 +806,9 @@ def write_csv(path, rows, seed=0):
         for start in range(0, rows, 65536):
             f.write("".join(f"images/{i // 10000:05d}/{i:09d}.jpg\t{captions[(i * 7919) % 4096]}\n"
                             for i in range(start, min(rows, start + 65536))))
+    first = Path(path).parent / "images" / "00000" / f"{0:09d}.jpg"
+    first.parent.mkdir(parents=True, exist_ok=True)
+    first.touch()
 
 
 def bench_csv(args):
