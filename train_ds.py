@@ -723,23 +723,28 @@ def hard_negative_groups(args):
     return tuple(int(v) for v in args.hard_negatives.split("x"))
 
 
+def export_only(parser, args):
+    """--export: the latest (or the --checkpoint) complete checkpoint as one fp32 file, in this process
+    (no process group, no DeepSpeed engine)."""
+    latest = distributed.latest_checkpoint(args.out_dir)
+    root = distributed.checkpoint_root(args.out_dir)
+    folder = args.checkpoint or (os.path.join(root, latest) if latest else None)
+    if folder is None or not os.path.isfile(os.path.join(folder, distributed.MARKER)):
+        parser.error(f"--export: no complete checkpoint in {args.checkpoint or root}")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        distributed.export(folder, args.export, allow_nonfinite=args.export_nonfinite)
+    except ValueError as e:
+        parser.error(f"--export: {e}")
+    print(f"exported {folder} -> {args.export}")
+
+
 def main(argv=None):
     started = time.time()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.export:  # the latest (or the --checkpoint) complete checkpoint as one fp32 file
-        latest = distributed.latest_checkpoint(args.out_dir)
-        root = distributed.checkpoint_root(args.out_dir)
-        folder = args.checkpoint or (os.path.join(root, latest) if latest else None)
-        if folder is None or not os.path.isfile(os.path.join(folder, distributed.MARKER)):
-            parser.error(f"--export: no complete checkpoint in {args.checkpoint or root}")
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            distributed.export(folder, args.export, allow_nonfinite=args.export_nonfinite)
-        except ValueError as e:
-            parser.error(f"--export: {e}")
-        print(f"exported {folder} -> {args.export}")
-        return None
+    if args.export:
+        return export_only(parser, args)
     try:  # srun / mpirun / PMI variables as torch.distributed's (set in os.environ before it starts)
         launcher, variables = distributed.launcher_environment(os.environ)
     except ValueError as e:
