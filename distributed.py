@@ -336,11 +336,24 @@ def own_files(folder, rank):
     return [os.path.join(folder, n) for n, m in ranks.items() if (int(m.group(1)) if m else 0) == rank]
 
 
+def owned_partition(param):
+    """The elements of a parameter this rank holds: at ZeRO-3 its partition less the padding (a
+    parameter of n elements is split into equal partitions of ceil(n / ranks), and DeepSpeed leaves
+    the padding past element n uninitialised, so it may hold NaN: a 1-element logit scale on 2 ranks
+    is all padding on rank 1), else the whole tensor."""
+    if not hasattr(param, "ds_tensor"):
+        return param
+    import torch.distributed as dist
+    size = param.ds_tensor.numel()
+    start = size * dist.get_rank(group=param.ds_process_group)
+    return param.ds_tensor.narrow(0, 0, max(0, min(size, param.ds_numel - start)))
+
+
 def nonfinite_tensors(module):
     """Names of the module's parameters and buffers (BatchNorm's running statistics) that hold a NaN
-    or an infinity in this rank's copy: at ZeRO-3 a parameter's partition (what this rank saves),
-    else the whole tensor. One pass over the weights and one read back to the host."""
-    named = [(n, getattr(p, "ds_tensor", p)) for n, p in module.named_parameters()] + list(module.named_buffers())
+    or an infinity in this rank's copy: at ZeRO-3 a parameter's partition (what this rank saves)
+    without its padding, else the whole tensor. One pass over the weights and one read back to the host."""
+    named = [(n, owned_partition(p)) for n, p in module.named_parameters()] + list(module.named_buffers())
     named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
     if not named:
         return []

@@ -211,6 +211,23 @@ def test_diverged_run_stops_and_keeps_last_finite_checkpoint(runs, stage):
         assert "OVERFLOW! Skipping step" in run["log"]  # DeepSpeed did skip them
 
 
+@pytest.mark.parametrize("numel, rank, partition, flagged", [
+    (1, 1, [float("nan")], False),        # a 1-element logit scale on 2 ranks: rank 1 holds only padding
+    (1, 0, [float("nan")], True),         # rank 0 holds the element itself
+    (3, 1, [2.0, float("nan")], False),   # 3 elements on 2 ranks: rank 1 holds element 2 and 1 padding
+    (3, 1, [float("inf"), 0.0], True),
+])
+def test_zero3_partition_padding_is_not_divergence(monkeypatch, numel, rank, partition, flagged):
+    """ZeRO-3 splits a parameter of n elements into partitions of ceil(n / ranks) and leaves the
+    padding past element n uninitialised (torch.empty): the checkpoint's finiteness check reads only
+    the elements a rank owns, else a healthy run is stopped as diverged on whatever that memory holds."""
+    model = torch.nn.Module()
+    model.scale = torch.nn.Parameter(torch.empty(0))  # ZeRO-3 empties the module's copy
+    model.scale.ds_tensor, model.scale.ds_numel, model.scale.ds_process_group = torch.tensor(partition), numel, None
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+    assert distributed.nonfinite_tensors(model) == (["scale"] if flagged else [])
+
+
 @pytest.mark.parametrize("stage, planted", [(0, "image.proj"), (1, "running_var")])
 def test_export_refuses_nonfinite_weights(runs, tmp_path, capsys, stage, planted):
     """No checkpoint of this trainer holds NaN; one of an older version (or a damaged one) might:
