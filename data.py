@@ -110,8 +110,9 @@ class PixelTransform:
         """read_image(source, where), transformed. A training crop of a JPEG is decoded at the
         smallest DCT scale of libjpeg (1/2, 1/4, 1/8: PIL's Image.draft) at which the random crop
         box, drawn on the full size as for any image, still spans `size` pixels each way, and the box
-        is mapped into the reduced image: 1.6x faster on 1024 x 768 photos, within 40 dB PSNR of the
-        full decode (tested). Other formats, and evaluation (the official transform), decode in full."""
+        is mapped into the reduced image, to its nearest whole pixels (at most half a reduced pixel
+        off, under 0.25% of the crop's side): 1.6x faster on 1024 x 768 photos, within 40 dB PSNR of
+        the full decode (tested). Other formats, and evaluation (the official transform), decode in full."""
         found = {}
 
         def draft(image):
@@ -121,7 +122,7 @@ class PixelTransform:
                 scale = next((s for s in (8, 4, 2) if side // s >= self.geometry.size), 1)
                 if scale > 1:  # PIL picks the largest scale whose image is at least the size asked for
                     image.draft(image.mode, (image.width // scale, image.height // scale))
-                    found["box"] = tuple(v / scale for v in box)
+                    found["box"] = tuple(round(v / scale) for v in box)
         image = read_image(source, where, draft)
         return self(image, rng, found.get("box"))
 
