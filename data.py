@@ -544,7 +544,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         epoch, g, done, taken = self.start_of(worker)
         resampled = self.epoch_samples is not None
         quota = max(1, self.epoch_samples // (self.world_size * workers)) if resampled else None
-        skipped, failures, failed_shards = [], 0, set()
+        skipped, failures, failed_shards, shard_count = [], 0, set(), len(set(self.shards))
+
+        def no_readable_shard():
+            return RuntimeError(f"WebDataset: every one of the {len(failed_shards)} shards is empty or gave unreadable "
+                                f"samples and none a readable one (e.g. {skipped[-2:]})")
         while True:
             if not resampled:
                 mine = self.plan(epoch, worker, workers)
@@ -559,6 +563,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 else:
                     group, turn = groups[g], epoch
                     rng = random.Random(f"msclip-wds/{self.seed}/{epoch}/{'|'.join(group)}")
+                n = -1
                 for n, (shard, key, files) in enumerate(self.mix(group, rng)):
                     if n < done:  # consumed before the checkpoint this stream resumes
                         continue
@@ -571,9 +576,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                         if failures >= self.patience:
                             raise RuntimeError(f"WebDataset: {failures} samples in a row unreadable (e.g. "
                                                f"{skipped[-3:]}) in shards {', '.join(group)}: check the data")
-                        if resampled and len(failed_shards) == len(set(self.shards)):
-                            raise RuntimeError(f"WebDataset: every one of the {len(failed_shards)} shards gave "
-                                               f"unreadable samples and none a readable one (e.g. {skipped[-2:]})")
+                        if resampled and len(failed_shards) == shard_count:
+                            raise no_readable_shard()
                         continue
                     failures, readable, taken = 0, True, taken + 1
                     failed_shards.clear()
@@ -581,6 +585,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                     skipped = []
                     if resampled and taken >= quota:
                         break
+                if resampled and n < 0:  # only empty shards drawn (no sample at all): else this draws forever
+                    failed_shards.update(group)
+                    if len(failed_shards) == shard_count:
+                        raise no_readable_shard()
                 g, done = g + 1, 0
             if whole_epoch and not readable and not resampled:
                 raise RuntimeError(f"WebDataset: no readable sample in epoch {epoch} of rank {self.rank} worker "

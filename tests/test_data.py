@@ -551,6 +551,11 @@ def test_pipe_shards(tmp_path):
         captions(["pipe:false", "pipe:exit 2"])
     with pytest.raises(RuntimeError, match="every one of the 2 shards"):
         captions(["pipe:false", "pipe:exit 2"], epoch_samples=10)
+    # shards without a sample (an empty tar) end a resampled stream too, alone or beside unreadable ones
+    empty = write_tar(tmp_path / "empty.tar", [])
+    for names in ([empty], [empty, "pipe:false"]):
+        with pytest.raises(RuntimeError, match=f"every one of the {len(names)} shards is empty or gave unreadable"):
+            captions(names, epoch_samples=10)
     errors = [files["error"] for _, files in data.read_tar("pipe:false")]
     assert errors == ["pipe:false: exit status 1, ReadError: empty file"]
     reader = data.read_tar(f"pipe:cat {shards[0]}; sleep 31.7")
