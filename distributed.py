@@ -279,6 +279,12 @@ def latest_checkpoint(out_dir):
     return tags[-1] if tags else None
 
 
+def latest_checkpoint_folder(out_dir):
+    """The folder of latest_checkpoint(out_dir), or None."""
+    tag = latest_checkpoint(out_dir)
+    return os.path.join(checkpoint_root(out_dir), tag) if tag else None
+
+
 def fsync_path(path):
     """Flush a file's or a folder's (its entries') data to the disk, not just to the page cache."""
     fd = os.open(path, os.O_RDONLY)
@@ -378,10 +384,10 @@ def save(engine, out_dir, step, client_state, trainer_state, keep, group, files=
     bad = nonfinite_tensors(engine.module)
     problem = agree(f"{len(bad)} tensors hold NaN or infinity, e.g. {', '.join(bad[:3])}" if bad else None, group)
     if problem:
-        previous = latest_checkpoint(out_dir)
+        previous = latest_checkpoint_folder(out_dir)
         message = (f"step {step}: the weights or BatchNorm statistics are not finite ({problem}): the run diverged, "
                    f"and checkpoint {tag} is not written. " +
-                   (f"The last finite checkpoint, {os.path.join(root, previous)}, stays `latest`: --resume continues "
+                   (f"The last finite checkpoint, {previous}, stays `latest`: --resume continues "
                     "from it (with, e.g., a lower --lr or a longer warm-up)." if previous else
                     "No checkpoint was written before: start again with, e.g., a lower --lr or a longer warm-up."))
         raise SystemExit(message if rank == 0 else 1)

@@ -246,9 +246,9 @@ def check_args(parser, args, world_size):
     if args.max_bad_steps < 0:
         parser.error("--max_bad_steps must be >= 0 (0: never stop)")
     args.global_batch_size = micro * args.grad_accum * world_size
-    if args.data_type == "synthetic" and args.hard_negatives not in ("none", "0", ""):
-        match = re.fullmatch(r"(\d+)x(\d+)", args.hard_negatives)
-        s, c = map(int, match.groups()) if match else (0, 0)
+    groups = hard_negative_groups(args)
+    if groups:
+        s, c = groups
         if not (s and c and len(shapes.SHAPES) % s == 0 and len(shapes.COLOURS) % c == 0
                 and (micro * world_size) % (s * c) == 0):
             parser.error(f"--hard_negatives {args.hard_negatives}: give SxC with S dividing {len(shapes.SHAPES)} "
@@ -503,8 +503,9 @@ def save_checkpoint(engine, args, progress, model_config, control):
     data_manifest.json, and trainer_state.json saying what the run was (for --resume's checks and --export)."""
     world_size = torch.distributed.get_world_size()
     everyone = [None] * world_size
+    # host objects over the gloo group: no pickled bytes through the GPUs, no device sync
     torch.distributed.all_gather_object(everyone, {"rng": rng_state(), "stream": progress["stream"],
-                                                   "manifest": progress["manifest"].take()})
+                                                   "manifest": progress["manifest"].take()}, group=control)
     progress["data_manifest"] = data.Manifest.merge(progress["data_manifest"], *[e["manifest"] for e in everyone])
     step = progress["step"]
     client = {"step": step, "micro_batches": progress["micro_batches"], "world_size": world_size,
@@ -543,7 +544,7 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
     last = min(args.steps, args.stop_at) if args.stop_at else args.steps
     epoch_size = len(loader.dataset) if args.data_type != "webdataset" else (args.train_samples or math.inf)
     started, window_start = time.time(), time.time()
-    loss_sum, micro_batches, window_steps, skipped, waited = 0.0, 0, 0, {}, 0.0
+    loss_sum, window_steps, skipped, waited = 0.0, 0, {}, 0.0
     batches = distributed.LoaderBatches(loader)
     try:
         while progress["step"] < last and not stop.agreed():
@@ -560,7 +561,6 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                     progress["stream"][worker] = (epoch, place)
                 step_batches.append((images, tokens))
             step_loss = contrastive_step(engine, loss_fn, step_batches, whole_batch_negatives)
-            micro_batches += args.grad_accum
             progress["micro_batches"] += args.grad_accum
             clamp_logit_scale()
             guard.step(step_loss)
@@ -579,8 +579,8 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                 bad, in_a_row = guard.read()
                 elapsed = time.time() - window_start
                 scale = distributed.logit_scale_value(engine)
-                entry = {"step": step, "loss": float(loss_sum) / micro_batches, "lr": lr, "logit_scale": scale,
-                         "pairs_per_s": window_steps * args.global_batch_size / max(elapsed, 1e-9),
+                entry = {"step": step, "loss": float(loss_sum) / (window_steps * args.grad_accum), "lr": lr,
+                         "logit_scale": scale, "pairs_per_s": window_steps * args.global_batch_size / max(elapsed, 1e-9),
                          "memory_gb": memory_gb(device), "data_wait": min(1.0, waited / max(elapsed, 1e-9)),
                          "epoch": progress["micro_batches"] * args.batch_size * world_size / epoch_size,
                          "skipped": dict(progress["skipped"]), "bad_steps": bad, "time": time.time() - started}
@@ -595,7 +595,7 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
                                                  ("Train/pairs_per_s", entry["pairs_per_s"], step)])
                 if args.max_bad_steps and in_a_row >= args.max_bad_steps:  # every rank read the same counts
                     raise SystemExit(diverged(args, step, in_a_row) if dist.get_rank() == 0 else 1)
-                loss_sum, micro_batches, window_steps, skipped, waited, window_start = 0.0, 0, 0, {}, 0.0, time.time()
+                loss_sum, window_steps, skipped, waited, window_start = 0.0, 0, {}, 0.0, time.time()
 
             if eval_sets and args.eval_every > 0 and step % args.eval_every == 0 and step < last:
                 accuracy = evaluate(engine, eval_sets, args, stop.group)
@@ -614,11 +614,11 @@ def train(args, engine, loader, progress, model_config, eval_sets, stop, metrics
 
 def diverged(args, step, in_a_row):
     """Why a run stopped at `step` (--max_bad_steps), and the checkpoint to continue from."""
-    latest = distributed.latest_checkpoint(args.out_dir)
+    latest = distributed.latest_checkpoint_folder(args.out_dir)
     return (f"step {step}: {in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (--max_bad_steps "
             f"{args.max_bad_steps}): the run diverged. " +
-            (f"The last good checkpoint is {os.path.join(distributed.checkpoint_root(args.out_dir), latest)} "
-             "(`latest`): --resume continues from it (with, e.g., a lower --lr or a longer warm-up)." if latest else
+            (f"The last good checkpoint is {latest} (`latest`): --resume continues from it (with, e.g., a lower "
+             "--lr or a longer warm-up)." if latest else
              "No checkpoint was written: start again with, e.g., a lower --lr or a longer warm-up."))
 
 
@@ -694,6 +694,17 @@ def record(metrics, entry):
         metrics.flush()
 
 
+def read_metrics(out_dir):
+    """A run's metrics.jsonl (as record wrote it): (step records, evaluation records), in order. A
+    resumed run trims the file to its checkpoint first (distributed.trim_metrics): each step once."""
+    steps, evals = [], []
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            entry = json.loads(line)
+            (evals if "zero_shot" in entry else steps).append(entry)
+    return steps, evals
+
+
 def finite_or_null(value):
     if isinstance(value, float):
         return value if math.isfinite(value) else None
@@ -717,20 +728,21 @@ def format_time(seconds):
 
 
 def hard_negative_groups(args):
-    """--hard_negatives SxC as (S, C), or None for uniformly random batches (checked in check_args)."""
+    """--hard_negatives SxC as (S, C), or None for uniformly random batches; (0, 0) when it is not of
+    the form SxC (check_args refuses it, and any S or C that does not divide the data)."""
     if args.data_type != "synthetic" or args.hard_negatives in ("none", "0", ""):
         return None
-    return tuple(int(v) for v in args.hard_negatives.split("x"))
+    match = re.fullmatch(r"(\d+)x(\d+)", args.hard_negatives)
+    return tuple(map(int, match.groups())) if match else (0, 0)
 
 
 def export_only(parser, args):
     """--export: the latest (or the --checkpoint) complete checkpoint as one fp32 file, in this process
     (no process group, no DeepSpeed engine)."""
-    latest = distributed.latest_checkpoint(args.out_dir)
-    root = distributed.checkpoint_root(args.out_dir)
-    folder = args.checkpoint or (os.path.join(root, latest) if latest else None)
+    folder = args.checkpoint or distributed.latest_checkpoint_folder(args.out_dir)
     if folder is None or not os.path.isfile(os.path.join(folder, distributed.MARKER)):
-        parser.error(f"--export: no complete checkpoint in {args.checkpoint or root}")
+        parser.error("--export: no complete checkpoint in " +
+                     (args.checkpoint or distributed.checkpoint_root(args.out_dir)))
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     try:
         distributed.export(folder, args.export, allow_nonfinite=args.export_nonfinite)
@@ -844,8 +856,7 @@ def main(argv=None):
     # (schedulers SIGKILL about 30 s after their notice)
     try:
         train(args, engine, loader, progress, model_config, eval_sets, stop, metrics, log)
-        latest = distributed.latest_checkpoint(args.out_dir) if args.save_every >= 0 else None
-        folder = os.path.join(distributed.checkpoint_root(args.out_dir), latest) if latest else None
+        folder = distributed.latest_checkpoint_folder(args.out_dir) if args.save_every >= 0 else None
         result = {"steps": progress["step"], "checkpoint": folder, "skipped": progress["skipped"]}
         if progress["step"] < args.steps:
             if stop.reason:
