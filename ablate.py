@@ -29,7 +29,6 @@ Table 5), msclip-s-avgpool (adapters with average pooling instead of depthwise c
 """
 import argparse
 import json
-import os
 import shlex
 import statistics
 import subprocess
@@ -39,13 +38,14 @@ from pathlib import Path
 
 import torch
 
+import distributed
 import msclip
 import shapes
 # The pieces of the other scripts this one uses, all here: the demo model's settings, the FLOP
 # count, and eval.py's datasets and tasks (run in this process on each run's export).
 from bench import caption_tokens, model_flops
 from eval import EvalError, Settings, evaluate, load_model, open_named_dataset, renamed
-from train_ds import DEMO_LOGIT_SCALE, DEMO_OVERRIDES
+from train_ds import DEMO_LOGIT_SCALE, DEMO_OVERRIDES, read_metrics
 
 HERE = Path(__file__).resolve().parent
 TRAIN_DS = str(HERE / "train_ds.py")
@@ -148,19 +148,6 @@ def train(run, preset, seed, args, train_args):
     return time.time() - started
 
 
-def read_metrics(run):
-    """train_ds.py's metrics.jsonl: (last training record, zero-shot curve: per evaluation, the step
-    and top-1 % per dataset name). A resumed run repeats the steps after its checkpoint; the later
-    record of a step wins."""
-    steps, curve = {}, {}
-    with open(run / "metrics.jsonl") as f:
-        for line in f:
-            entry = json.loads(line)
-            (curve if "zero_shot" in entry else steps)[entry["step"]] = entry
-    last = steps[max(steps)] if steps else {}
-    return last, [{"step": s, **curve[s]["zero_shot"]} for s in sorted(curve)]
-
-
 def evaluate_run(run, args):
     """eval.py's zero-shot and linear probe on the run's export: {"TASK/DATASET": top-1 %}, the reports."""
     model, identity = load_model(str(run / "msclip.pt"))
@@ -179,8 +166,7 @@ def run_once(variant, seed, args, train_args):
     preset = f"{variant}-{args.size}"
     settings = {"preset": preset, "seed": seed, "size_options": SIZES[args.size], "train_args": train_args,
                 "launcher": args.launcher}
-    evaluation = {"datasets": args.eval_dataset, "tasks": args.task, "eval_samples": args.eval_samples,
-                  "probe_iterations": args.probe_iterations}
+    evaluation = evaluation_settings(args)
     done = json.loads((run / "result.json").read_text()) if (run / "result.json").is_file() else None
     trained = json.loads((run / "trained.json").read_text()) if (run / "trained.json").is_file() else None
     for old in (done, trained):
@@ -197,7 +183,8 @@ def run_once(variant, seed, args, train_args):
         trained = {"settings": settings, "train_s": round(train(run, preset, seed, args, train_args), 1)}
         write_json(run / "trained.json", trained)
     metrics, reports, config, parameters = evaluate_run(run, args)
-    last, curve = read_metrics(run)
+    steps, evals = read_metrics(run)
+    last, curve = steps[-1] if steps else {}, [{"step": e["step"], **e["zero_shot"]} for e in evals]
     text_tokens = msclip.trim_padding(caption_tokens(64)).shape[1]
     result = {"settings": settings, "evaluation": evaluation, "metrics": metrics, "train_s": trained["train_s"],
               "steps": last.get("step"), "final_loss": last.get("loss"), "train_loop_s": last.get("time"),
@@ -210,10 +197,14 @@ def run_once(variant, seed, args, train_args):
     return result
 
 
+def evaluation_settings(args):
+    """What a run's evaluation was: a result.json with other settings is evaluated again."""
+    return {"datasets": args.eval_dataset, "tasks": args.task, "eval_samples": args.eval_samples,
+            "probe_iterations": args.probe_iterations}
+
+
 def write_json(path, value):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
+    distributed.write_atomic(str(path), json.dumps(value, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,9 +301,7 @@ def main(argv=None):
     table = markdown_table(summary)
     command = shlex.join(["python", "ablate.py", *(sys.argv[1:] if argv is None else argv)])
     write_json(out / "ablation.json", {"command": command, "size": args.size, "train_args": train_args,
-                                       "evaluation": {"datasets": args.eval_dataset, "tasks": args.task,
-                                                      "eval_samples": args.eval_samples,
-                                                      "probe_iterations": args.probe_iterations},
+                                       "evaluation": evaluation_settings(args),
                                        "variants": summary})
     (out / "ablation.md").write_text(f"`{command}`\n\n{table}")
     plot = plot_curves(summary, out / "curves.png")

@@ -594,7 +594,7 @@ def bench_tokenizer(args):
 DATA_KINDS = (("img2dataset's default, 256 x 256 q95", 256, 256, 95), ("480 x 360 photos, q90", 480, 360, 90),
               ("1024 x 768 originals, q90", 1024, 768, 90))
 # The GPU the data mode sizes the cores for: an H200 SXM's dense bf16 peak (NVIDIA's datasheet) at 40% MFU
-TARGET_MFU = 0.40  # the H200 rate that bench.py data sizes cores for
+TARGET_MFU = 0.40
 
 
 def write_photo_shards(folder, shards, per_shard, width, height, quality, seed=0):
@@ -611,15 +611,15 @@ def write_photo_shards(folder, shards, per_shard, width, height, quality, seed=0
     for s in range(shards):
         with tarfile.open(folder / f"{s:05d}.tar", "w") as tar:
             for j in range(per_shard):
-                w, h = width, height
-                pixels = torch.randint(0, 256, (h // 4, w // 4, 3), generator=noise, dtype=torch.uint8).numpy()
-                image = Image.fromarray(pixels).resize((w, h), Image.BILINEAR).filter(ImageFilter.GaussianBlur(2))
+                pixels = torch.randint(0, 256, (height // 4, width // 4, 3), generator=noise, dtype=torch.uint8).numpy()
+                image = Image.fromarray(pixels).resize((width, height), Image.BILINEAR)
+                image = image.filter(ImageFilter.GaussianBlur(2))
                 draw = ImageDraw.Draw(image)
                 for _ in range(rng.randint(1, 4)):
-                    r = rng.uniform(0.1, 0.3) * min(w, h)
+                    r = rng.uniform(0.1, 0.3) * min(width, height)
                     colour = tuple(rng.randrange(256) for _ in range(3))
-                    shapes.draw_shape(draw, rng.choice(shapes.SHAPES), rng.uniform(r, w - r), rng.uniform(r, h - r), r,
-                                    rng.uniform(-0.3, 0.3), colour, (0, 0, 0))
+                    shapes.draw_shape(draw, rng.choice(shapes.SHAPES), rng.uniform(r, width - r),
+                                      rng.uniform(r, height - r), r, rng.uniform(-0.3, 0.3), colour, (0, 0, 0))
                 encoded = io.BytesIO()
                 image.save(encoded, format="JPEG", quality=quality)
                 for name, payload in ((f"{s:05d}{j:04d}.jpg", encoded.getvalue()),
@@ -727,11 +727,11 @@ def bench_data(args, device):
         result = {"mode": "data", "preset": args.preset, "image_size": config.image_size, "target_pairs_per_s": target,
                   "kinds": results}
         if args.steps > 0:
-            result.update(end_to_end(args, device, specs[0], config))
+            result.update(end_to_end(args, device, specs[0]))
     return result
 
 
-def end_to_end(args, device, spec, config):
+def end_to_end(args, device, spec):
     """train_ds.py on `spec` with --data-workers workers against the bare step of the same preset and
     batch: pairs/s, and the share of the time the loop waited for data (metrics.jsonl's data_wait)."""
     batch = args.batch_size
@@ -749,7 +749,7 @@ def end_to_end(args, device, spec, config):
                    "0", "--precision", args.precision, "--workers", str(args.data_workers), "--lr", "1e-4",
                    "--out_dir", str(out)]
         subprocess.run(command, check=True, capture_output=True, text=True)
-        entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]  # after warm-up
+        entries = train_ds.read_metrics(out)[0][1:]  # after the warm-up window
     end = statistics.mean(e["pairs_per_s"] for e in entries)
     wait = statistics.mean(e["data_wait"] for e in entries)
     print(f"{args.preset}, batch {batch}, {args.precision}: bare step {bare:.2f} pairs/s (median of {args.steps}); "

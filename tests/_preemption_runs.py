@@ -17,15 +17,15 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from conftest import read_metrics  # noqa: E402  (puts the repository on sys.path)
+import conftest  # noqa: E402,F401  (puts the repository on sys.path)
 
+import distributed  # noqa: E402
 import train_ds  # noqa: E402
+from train_ds import read_metrics  # noqa: E402
 
 
 def write_json(path, value):
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
+    distributed.write_atomic(path, json.dumps(value, indent=1))
 
 
 def main():

@@ -26,12 +26,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), HERE]
 
 import torch  # noqa: E402
-from conftest import read_metrics  # noqa: E402
 
 import data  # noqa: E402
 import msclip  # noqa: E402
 import shapes  # noqa: E402
 import train_ds  # noqa: E402
+from train_ds import read_metrics  # noqa: E402
 
 
 def reference(o):

@@ -3,7 +3,6 @@ writers for the data layouts, weight comparison, one-thread fixtures."""
 import io
 import json
 import os
-import socket
 import sys
 import shutil
 import subprocess
@@ -15,11 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from distributed import free_port  # noqa: E402,F401  (the tests' ports: the trainer's own helper)
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +107,6 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-def read_metrics(out_dir):
-    """metrics.jsonl of a run: (step records, evaluation records)."""
-    steps, evals = [], []
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            entry = json.loads(line)
-            (evals if "zero_shot" in entry else steps).append(entry)
-    return steps, evals
 
 
 # ----------------------------------------------------------------------------------------------

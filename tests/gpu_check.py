@@ -16,8 +16,7 @@ written as skipped, with why.
    prefetch_factor, read off the loader) are used up are dropped, the first at least (start-up,
    cuDNN's autotuning): the rate is the other windows' pairs over their time. Peak
    memory (torch.cuda.max_memory_allocated); the share of that time spent waiting for data
-   (metrics.jsonl's data_wait where the trainer reports one, else timed here around each
-   next() of the trainer's batch iterator); MFU against the datasheet's dense bf16 peak (989
+   (metrics.jsonl's data_wait); MFU against the datasheet's dense bf16 peak (989
    TFLOP/s on H100/H200) and against the measured matmul rate, from bench.py's FLOP count at the
    text length the built-in captions run at. --save_every -1: no checkpoint, no export.
 6. the evaluation model: the CPU demo's run (default preset and data, 600 steps) in bf16, which
@@ -84,35 +83,19 @@ def part_machine(args):
 
 
 def part_train(args):
-    """train_ds.main(argv) in this process, with the time spent in each next() of its batch iterator."""
+    """train_ds.main(argv) in this process, and the batches its DataLoader prefetches before the first
+    step (workers x prefetch_factor, read off the loader)."""
     import data
     import train_ds
-    waits, original, prefetched = [], data.train_loader, [0]
-
-    class Timed:
-        def __init__(self, batches):
-            self.batches = batches
-
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            start = time.perf_counter()
-            try:
-                return next(self.batches)
-            finally:
-                waits.append(time.perf_counter() - start)
+    original, prefetched = data.train_loader, [0]
 
     def train_loader(*a, **k):
         loader = original(*a, **k)
         prefetched[0] = loader.num_workers * (loader.prefetch_factor or 0)
-        loader.__class__ = type("TimedLoader", (type(loader),), {"__iter__": lambda self: Timed(
-            super(type(self), self).__iter__())})
         return loader
 
     data.train_loader = train_loader
-    result = train_ds.main(args.argv)
-    return {"result": result, "waits": waits, "prefetched": prefetched[0]}
+    return {"result": train_ds.main(args.argv), "prefetched": prefetched[0]}
 
 
 def part_eval(args):
@@ -160,14 +143,16 @@ class Check:
     def left(self):
         return self.s["budget"] - (time.time() - self.started)
 
-    def part(self, name, log, *extra, argv=None, estimate=60):
+    def part(self, name, log, *extra, argv=None):
         """Run a part in a fresh process; its JSON result (or an exception naming the log)."""
         result = os.path.join(self.out, f"{log}.json")
         command = [sys.executable, os.path.abspath(__file__), "--part", name, "--result", result,
                    "--device", self.s["device"], *extra] + (["--argv", json.dumps(argv)] if argv else [])
-        return run(command, os.path.join(self.out, f"{log}.log"), result, self.timeout(estimate))
+        return run(command, os.path.join(self.out, f"{log}.log"), result, self.timeout())
 
-    def timeout(self, estimate):
+    def timeout(self):
+        """A part's time limit: --timeout, or what is left of the budget (row() skips a row that
+        would not fit)."""
         return max(10, min(self.s["timeout"], self.left() - 5))
 
     def row(self, name, estimate, compute):
@@ -212,7 +197,7 @@ class Check:
     # -- the rows ------------------------------------------------------------------------------
 
     def machine_row(self):
-        self.machine = self.part("machine", "machine", estimate=self.s["estimates"]["machine"])
+        self.machine = self.part("machine", "machine")
         m = self.machine
         return {"what": f"{m.get('gpu', 'CPU')}, torch {m['torch']}, CUDA {m['cuda']}, DeepSpeed {m['deepspeed']}",
                 "matmul_tflops": m["matmul_tflops"], "spec_tflops": m["spec_tflops"]}
@@ -226,15 +211,15 @@ class Check:
 
     def train_row(self, name, preset, stage, *extra):
         argv = self.train_argv(name, preset, stage, *extra)
-        got = self.part("train", name, argv=argv, estimate=self.s["estimates"]["train"])
-        steps = read_metrics(os.path.join(self.out, name))
-        return throughput(steps, got["waits"], got["prefetched"], self.s, preset, self.machine)
+        got = self.part("train", name, argv=argv)
+        steps, _ = read_metrics(os.path.join(self.out, name))
+        return throughput(steps, got["prefetched"], self.s, preset, self.machine)
 
     def demo_row(self):
         argv = ["--precision", "bf16", "--zero_stage", "1", "--eval_every", "0", "--save_every", "0",
                 "--workers", str(self.s["workers"]), "--out_dir", os.path.join(self.out, "demo"), *self.s["demo"]]
-        got = self.part("train", "demo", argv=argv, estimate=self.s["estimates"]["demo"])
-        steps = read_metrics(os.path.join(self.out, "demo"))
+        got = self.part("train", "demo", argv=argv)
+        steps, _ = read_metrics(os.path.join(self.out, "demo"))
         losses = [e["loss"] for e in steps if "loss" in e]
         self.export = got["result"]["export"]
         return {"what": f"demo run {' '.join(self.s['demo'])}: export {os.path.relpath(self.export, self.out)}",
@@ -244,8 +229,7 @@ class Check:
     def eval_row(self):
         if not getattr(self, "export", None):
             raise RowError("no export: the demo row did not run")
-        got = self.part("eval", "eval", "--checkpoint", self.export, "--eval-samples", str(self.s["eval_samples"]),
-                        estimate=self.s["estimates"]["eval"])
+        got = self.part("eval", "eval", "--checkpoint", self.export, "--eval-samples", str(self.s["eval_samples"]))
         # Agreement counts on the sets the model learned (fp32 top-1 at least twice chance): on a set at
         # chance every decision is a near-tie, which any rounding flips, bf16's or another GPU's
         learned = [k for k, v in got.items() if v["top1_fp32"] >= 2 * v["chance"]]
@@ -265,7 +249,7 @@ class Check:
         command = [sys.executable, os.path.join(ROOT, "bench.py"), "--device", s["device"], "--precision", "bf16",
                    "--compare", "--presets", s["presets"][1], s["presets"][0], "--batch-size", str(s["batch"]),
                    "--warmup", "3", "--steps", str(s["bench_steps"]), "--json", result]
-        got = run(command, os.path.join(self.out, "bench.log"), result, self.timeout(s["estimates"]["bench"]))
+        got = run(command, os.path.join(self.out, "bench.log"), result, self.timeout())
         rows = {r["preset"]: {k: r[k] for k in ("pairs_per_s", "mfu", "mfu_spec", "peak_memory", "text_tokens")}
                 for r in got["results"]}
         return {"what": f"bench.py bare step, batch {s['batch']}, bf16: " + ", ".join(
@@ -302,8 +286,8 @@ def run(command, log, result, timeout):
 
 
 def read_metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [e for e in map(json.loads, f) if "zero_shot" not in e]
+    import train_ds  # the trainer's own reader of its metrics.jsonl
+    return train_ds.read_metrics(out_dir)
 
 
 def text_flops(preset, batch, samples=8):
@@ -326,10 +310,10 @@ def text_flops(preset, batch, samples=8):
     return statistics.mean(flops), statistics.mean(widths)
 
 
-def throughput(steps, waits, prefetched, s, preset, machine):
-    """Figures of one training from its metrics.jsonl windows and the waits per micro-batch timed
-    around next(). Dropped: the windows that may still draw on the `prefetched` batches the workers
-    made ready before the first step, and the first window at least."""
+def throughput(steps, prefetched, s, preset, machine):
+    """Figures of one training from its metrics.jsonl windows. Dropped: the windows that may still
+    draw on the `prefetched` batches the workers made ready before the first step, and the first
+    window at least."""
     per_window = s["log_every"]
     dropped = max(1, math.ceil(prefetched / per_window))
     windows = steps[dropped:]
@@ -338,11 +322,7 @@ def throughput(steps, waits, prefetched, s, preset, machine):
                        "no steady window")
     seconds = [per_window * s["batch"] / w["pairs_per_s"] for w in windows]
     pairs_per_s = per_window * s["batch"] * len(windows) / sum(seconds)
-    if all("data_wait" in w for w in windows):  # the trainer's own figure (issue 20), a share of each window
-        wait, source = sum(w["data_wait"] * t for w, t in zip(windows, seconds)) / sum(seconds), "metrics.jsonl"
-    else:
-        timed = waits[per_window * dropped: per_window * len(steps)]
-        wait, source = sum(timed) / sum(seconds), "timed next()"
+    wait = sum(w["data_wait"] * t for w, t in zip(windows, seconds)) / sum(seconds)  # the trainer's share per window
     flops, tokens = text_flops(preset, s["batch"])
     achieved = 3 * flops * pairs_per_s
     matmul = machine.get("matmul_tflops")
@@ -350,7 +330,7 @@ def throughput(steps, waits, prefetched, s, preset, machine):
     losses = [w["loss"] for w in steps]
     entry = {"pairs_per_s": pairs_per_s, "windows_dropped": dropped,
              "windows_pairs_per_s": [w["pairs_per_s"] for w in windows],
-             "peak_memory_gb": max(w["memory_gb"] for w in steps), "data_wait": wait, "data_wait_source": source,
+             "peak_memory_gb": max(w["memory_gb"] for w in steps), "data_wait": wait,
              "text_tokens": tokens, "gflops_per_pair": flops / 1e9, "achieved_tflops": achieved / 1e12,
              "mfu_spec": achieved / (spec * 1e12) if spec else None,
              "mfu_matmul": achieved / (matmul * 1e12) if matmul else None,

@@ -12,12 +12,12 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from conftest import ROOT
 
-import ablate  # noqa: E402
-import bench  # noqa: E402
-import msclip  # noqa: E402
+import ablate
+import bench
+import msclip
+import train_ds
 
 VARIANTS = ["clip", "msclip-s"]
 TRAIN = ["--steps", "3", "--batch_size", "16", "--synthetic_samples", "640", "--eval_every", "2",
@@ -27,12 +27,6 @@ TRAIN = ["--steps", "3", "--batch_size", "16", "--synthetic_samples", "640", "--
 def argv(out_dir, train=TRAIN, seeds=("1",)):
     return ["--variants", *VARIANTS, "--seeds", *seeds, "--out_dir", str(out_dir), "--eval_samples", "32",
             "--probe_iterations", "50", "--", *train]
-
-
-def metrics_jsonl(run):
-    with open(run / "metrics.jsonl") as f:
-        entries = [json.loads(line) for line in f]
-    return [e for e in entries if "zero_shot" not in e], [e for e in entries if "zero_shot" in e]
 
 
 def test_reserved_options_are_refused():
@@ -62,7 +56,7 @@ def test_sweep_reports_each_runs_own_numbers_and_skips_finished_runs(tmp_path, c
             assert s["metrics"][name] == {"mean": value, "std": 0.0, "values": [value]}
             assert f"{value:.1f} ± 0.0" in row
         # Training: train_ds.py's own records, 3 steps at the demo size; the curve is its held-out evaluations.
-        steps, evals = metrics_jsonl(run)
+        steps, evals = train_ds.read_metrics(run)
         assert result["steps"] == s["steps"] == steps[-1]["step"] == 3
         assert result["final_loss"] == steps[-1]["loss"] and s["final_loss"]["values"] == [steps[-1]["loss"]]
         assert f"{steps[-1]['loss']:.2f} ± 0.00" in row

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import msclip
+from conftest import free_port
 from reference_official import build_official_msclip_s, randomize_batchnorm_stats
 
 HERE = Path(__file__).resolve().parent
@@ -357,12 +357,6 @@ DISTRIBUTED_SCRIPT = textwrap.dedent("""
         json.dump(result, open(out, "w"))
     dist.destroy_process_group()
 """)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_loss_across_two_ranks_equals_one_process_with_the_global_batch(tmp_path):
